@@ -1,0 +1,270 @@
+"""The one typed schema for a fedge run.
+
+Config flows one way: a scenario YAML (plus ``--set a.b=value`` overrides) is
+loaded here into a frozen :class:`RunConfig` at the entry point; components
+receive flat keyword arguments taken from it, never the whole object.
+
+Every field carries help text; cross-field rules are checked at construction,
+so an impossible scenario fails before anything starts, with a message that
+names the field and what is allowed (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TaskType = Literal["causal-lm", "sequence-classification"]
+Encoding = Literal["fp32", "fp16", "int8"]
+PartitionScheme = Literal["natural", "iid", "dirichlet"]
+
+
+class ConfigError(ValueError):
+    """A scenario that cannot run; the message names the field(s) at fault."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in the YAML is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    source: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a packaged name ('smollm2-135m-instruct', "
+        "'minilm-l6'), a local Hugging Face directory, or a hub id (needs network).",
+    )
+    task: TaskType = Field("causal-lm", description="What the model is trained to do.")
+    num_labels: int | None = Field(
+        None, ge=2, description="Classes for sequence-classification (default: from data)."
+    )
+    max_length: int = Field(96, ge=8, le=4096, description="Tokens per example (truncated).")
+    cache_dir: str | None = Field(
+        None, description="Where converted base models are cached (default ~/.cache/fedge)."
+    )
+
+
+class LoraSection(_Section):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: W0 + (alpha/r) B A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "v_proj"), min_length=1, description="Module names that get adapters."
+    )
+
+
+class DataSection(_Section):
+    source: str = Field(
+        "chatterbot",
+        description="'chatterbot' (packaged QA corpus), 'chatterbot-language-id' "
+        "(packaged utterances labelled by language), or a path to a local "
+        ".jsonl/.csv/.parquet file with prompt/response or text/label columns.",
+    )
+    languages: tuple[str, ...] = Field(
+        ("english",), description="chatterbot languages to load ('all' for every one)."
+    )
+    partition: PartitionScheme = Field(
+        "natural", description="How records are split into clients."
+    )
+    partition_by: str = Field(
+        "category", description="Column for natural partitioning, or label column for dirichlet."
+    )
+    natural_ids: tuple[str, ...] | None = Field(
+        None, description="Natural partitioning: which values become clients, in order "
+        "(default: the num_clients largest groups).",
+    )
+    num_clients: int = Field(8, ge=1, le=100_000, description="Number of clients (partitions).")
+    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    min_partition_size: int = Field(4, ge=1, description="Dirichlet: smallest partition allowed.")
+    holdout_fraction: float = Field(
+        0.15, gt=0, lt=1, description="Fraction of each client's data kept for its local held-out set."
+    )
+    global_holdout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of all data kept by the server for central evaluation."
+    )
+    max_eval_examples: int = Field(
+        64, ge=1, description="Cap on examples per evaluation (central and per client)."
+    )
+
+
+class TrainSection(_Section):
+    local_steps: int = Field(6, ge=1, description="Optimizer steps per client per round.")
+    batch_size: int = Field(4, ge=1, description="Examples per local step.")
+    lr: float = Field(1e-3, gt=0, lt=1, description="Local AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Local AdamW weight decay.")
+    eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch.")
+
+
+class FederationSection(_Section):
+    num_rounds: int = Field(3, ge=1, description="Federated rounds.")
+    clients_per_round: int = Field(8, ge=1, description="Clients sampled for training each round.")
+    evaluate_clients_per_round: int = Field(
+        8, ge=0, description="Clients sampled for local held-out evaluation each round (0 = none)."
+    )
+    min_replies: int = Field(1, ge=1, description="Fewest valid replies a round needs to update the model.")
+    round_timeout_s: float = Field(900.0, gt=0, description="Seconds to wait for replies per round.")
+    max_delta_norm: float | None = Field(
+        None, gt=0, description="Reject a reply whose delta L2 norm exceeds this (None = no bound)."
+    )
+    encoding: Encoding = Field("fp32", description="Wire encoding of client deltas.")
+
+
+class StrategySection(_Section):
+    name: str = Field(
+        "fedavg", description="Registered strategy name or an import path 'pkg.module:Class'."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for it.")
+
+
+class SimulationSection(_Section):
+    client_cpus: float = Field(1.0, gt=0, description="CPUs reserved per virtual client (Ray).")
+    torch_threads: int = Field(1, ge=1, description="torch threads per virtual client.")
+
+
+class RunConfig(_Section):
+    """A whole run: one scenario YAML."""
+
+    name: str = Field("default", description="Scenario name (used in the run id).")
+    seed: int = Field(0, description="Seed for partitioning, sampling and initialisation.")
+    run_root: str = Field("runs", description="Runs are written to <run_root>/<run-id>/.")
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    federation: FederationSection = FederationSection()
+    strategy: StrategySection = StrategySection()
+    simulation: SimulationSection = SimulationSection()
+    sample_prompt: str = Field(
+        "My computer won't turn on.",
+        description="Prompt answered by the base and the fine-tuned model at the end.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "RunConfig":
+        fed, data = self.federation, self.data
+        if fed.clients_per_round > data.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) must be <= "
+                f"data.num_clients ({data.num_clients})"
+            )
+        if fed.evaluate_clients_per_round > data.num_clients:
+            raise ValueError(
+                f"federation.evaluate_clients_per_round ({fed.evaluate_clients_per_round}) "
+                f"must be <= data.num_clients ({data.num_clients})"
+            )
+        if fed.min_replies > fed.clients_per_round:
+            raise ValueError(
+                f"federation.min_replies ({fed.min_replies}) must be <= "
+                f"federation.clients_per_round ({fed.clients_per_round})"
+            )
+        if data.natural_ids is not None and data.partition != "natural":
+            raise ValueError("data.natural_ids is only allowed with data.partition: natural")
+        if data.natural_ids is not None and len(data.natural_ids) != data.num_clients:
+            raise ValueError(
+                f"data.natural_ids has {len(data.natural_ids)} entries but data.num_clients "
+                f"is {data.num_clients}: they must match"
+            )
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form (identifies a config in checkpoints)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# -- loading ------------------------------------------------------------------
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+DEFAULT_SCENARIO = "default"
+
+
+def scenario_path(name_or_path: str | Path) -> Path:
+    """A path as given, or the packaged scenario of that name."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"scenario file not found: {p}")
+        return p
+    packaged = SCENARIO_DIR / f"{name_or_path}.yaml"
+    if not packaged.exists():
+        names = sorted(q.stem for q in SCENARIO_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown scenario {name_or_path!r}; packaged scenarios: {names}")
+    return packaged
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives numbers, booleans, lists ([a, b]) and null for free.
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``a.b=value`` overrides applied."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(scenario)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            allowed = sorted(section.model_fields) if section else []
+            msg = f"unknown key; allowed keys here: {allowed}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict; raise :class:`ConfigError` naming every bad field."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load(scenario: str | Path = DEFAULT_SCENARIO, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a scenario YAML (path or packaged name) and apply ``--set`` overrides."""
+    path = scenario_path(scenario)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config, as written to ``runs/<id>/config.yaml``."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

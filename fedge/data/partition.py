@@ -1,0 +1,126 @@
+"""Split records into a global held-out set and one partition per client.
+
+Order (fixed, seeded, identical on every node that runs it):
+    1. global held-out  = ``global_holdout_fraction`` of all records (server side)
+    2. the rest is partitioned with a flwr-datasets partitioner:
+       natural (one client per value of a column), IID, or Dirichlet(α) over labels
+    3. each partition keeps ``holdout_fraction`` as its local held-out set.
+Partitions are disjoint and, with the global held-out set, cover every record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fedge.data.corpora import DataError, load_records
+
+
+def split_holdout(ds, fraction: float, seed: int):
+    """(train, held-out) with ``ceil``-free sizes; a 1-record dataset keeps it for training."""
+    n = len(ds)
+    k = int(round(n * fraction))
+    if n < 2 or k == 0:
+        return ds, ds.select([])
+    k = min(k, n - 1)
+    parts = ds.train_test_split(test_size=k, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def partition(
+    ds,
+    *,
+    scheme: str,
+    num_partitions: int,
+    partition_by: str = "category",
+    natural_ids: tuple[str, ...] | None = None,
+    alpha: float = 0.3,
+    min_partition_size: int = 4,
+    seed: int = 0,
+) -> list:
+    """Return ``num_partitions`` disjoint datasets (flwr-datasets partitioners, no hub)."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+    if scheme == "natural":
+        if partition_by not in ds.column_names:
+            raise DataError(f"data.partition_by: column {partition_by!r} not in {ds.column_names}")
+        counts: dict[str, int] = {}
+        for v in ds[partition_by]:
+            counts[str(v)] = counts.get(str(v), 0) + 1
+        if natural_ids is None:
+            # The largest groups, ties broken by name, so the choice is stable.
+            natural_ids = tuple(sorted(counts, key=lambda v: (-counts[v], v))[:num_partitions])
+        unknown = [v for v in natural_ids if v not in counts]
+        if unknown:
+            raise DataError(f"data.natural_ids: {unknown} not found in column {partition_by!r}; "
+                            f"available: {sorted(counts)}")
+        if len(natural_ids) < num_partitions:
+            raise DataError(f"data.num_clients is {num_partitions} but column {partition_by!r} "
+                            f"has only {len(natural_ids)} distinct values: {sorted(counts)}")
+        wanted = set(natural_ids)
+        sub = ds.filter(lambda r: str(r[partition_by]) in wanted)
+        sub = sub.map(lambda r: {partition_by: str(r[partition_by])})
+        p = NaturalIdPartitioner(partition_by=partition_by)
+        p.dataset = sub
+        _ = p.num_partitions  # builds the id mapping
+        index = {nid: pid for pid, nid in p.partition_id_to_natural_id.items()}
+        return [p.load_partition(index[nid]) for nid in natural_ids]
+    if scheme == "iid":
+        if len(ds) < num_partitions:
+            raise DataError(f"data.num_clients ({num_partitions}) exceeds the {len(ds)} records")
+        p = IidPartitioner(num_partitions=num_partitions)
+        p.dataset = ds.shuffle(seed=seed)
+        return [p.load_partition(i) for i in range(num_partitions)]
+    if scheme == "dirichlet":
+        if partition_by not in ds.column_names:
+            raise DataError(f"data.partition_by: column {partition_by!r} not in {ds.column_names}")
+        if len(ds) < num_partitions * min_partition_size:
+            raise DataError(f"{len(ds)} records cannot give {num_partitions} clients at least "
+                            f"{min_partition_size} each (data.min_partition_size)")
+        p = DirichletPartitioner(num_partitions=num_partitions, partition_by=partition_by, alpha=alpha,
+                                 min_partition_size=min_partition_size, self_balancing=True, seed=seed)
+        p.dataset = ds
+        return [p.load_partition(i) for i in range(num_partitions)]
+    raise DataError(f"data.partition: unknown scheme {scheme!r}; allowed: ['natural', 'iid', 'dirichlet']")
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """All splits of one scenario: per-client (train, held-out) and the global held-out."""
+
+    clients: tuple  # tuple[(train Dataset, held-out Dataset), ...]
+    global_holdout: object
+    label_names: tuple[str, ...] | None
+    client_names: tuple[str, ...]
+
+
+@lru_cache(maxsize=4)
+def federated_split(
+    *,
+    source: str,
+    task: str,
+    languages: tuple[str, ...],
+    scheme: str,
+    num_clients: int,
+    partition_by: str,
+    natural_ids: tuple[str, ...] | None,
+    alpha: float,
+    min_partition_size: int,
+    holdout_fraction: float,
+    global_holdout_fraction: float,
+    seed: int,
+) -> FederatedData:
+    """Deterministic split shared by server and clients (cached per process)."""
+    ds, label_names = load_records(source, task=task, languages=languages)
+    if len(ds) == 0:
+        raise DataError(f"data.source {source!r} holds no records")
+    rest, global_holdout = split_holdout(ds, global_holdout_fraction, seed)
+    parts = partition(rest, scheme=scheme, num_partitions=num_clients, partition_by=partition_by,
+                      natural_ids=natural_ids, alpha=alpha, min_partition_size=min_partition_size, seed=seed)
+    clients = tuple(split_holdout(p, holdout_fraction, seed + 1 + i) for i, p in enumerate(parts))
+    if scheme == "natural":
+        names = tuple(str(p[0][partition_by]) if len(p) else f"client-{i}" for i, p in enumerate(parts))
+    else:
+        names = tuple(f"client-{i}" for i in range(num_clients))
+    return FederatedData(clients=clients, global_holdout=global_holdout,
+                         label_names=tuple(label_names) if label_names else None, client_names=names)

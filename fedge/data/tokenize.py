@@ -1,0 +1,76 @@
+"""Tokenization: chat examples with answer-only labels, and classification text.
+
+Causal LM: the prompt is rendered with the tokenizer's chat template (generation
+prompt appended); labels are −100 on the prompt so the loss covers only the
+answer tokens (and the end-of-turn token). Shapes: ``input_ids``, ``labels``,
+``attention_mask`` are (B, L) with L ≤ max_length, right-padded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as a user turn, ending with the assistant header."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+
+
+def encode_chat(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """One example: prompt ids + response ids + end token; labels only on the response."""
+    p = chat_prompt_ids(tokenizer, prompt)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
+    # Keep at least a few answer tokens: truncate the prompt from the left if needed.
+    keep_answer = min(len(r), max(1, max_length // 2))
+    p = p[-(max_length - keep_answer):] if len(p) + keep_answer > max_length else p
+    r = r[: max_length - len(p)]
+    return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r}
+
+
+def collate_causal(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    L = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), L), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def encode_dataset(tokenizer, ds, *, task: str, max_length: int) -> list[dict]:
+    """Tokenize every record once (lists of ids; batching happens in training)."""
+    if task == "causal-lm":
+        return [encode_chat(tokenizer, p, r, max_length) for p, r in zip(ds["prompt"], ds["response"])]
+    enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "label": int(y)} for ids, y in zip(enc["input_ids"], ds["label"])]
+
+
+def collate_cls(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    L = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), L), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+    # Explicit position ids with the real batch size (Opacus per-sample hooks need it).
+    pos = torch.arange(L).unsqueeze(0).expand(len(examples), L).contiguous()
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
+
+
+def collate(examples: list[dict], *, task: str, pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_causal(examples, pad_id) if task == "causal-lm" else collate_cls(examples, pad_id)

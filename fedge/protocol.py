@@ -1,0 +1,57 @@
+"""Every message key fedge puts on the wire, in one place.
+
+Train message (server -> client), ``RecordDict``:
+    ``ARRAYS``  ArrayRecord  the global adapter A_t (fp32 tensors, PEFT names)
+    ``CONFIG``  ConfigRecord the round config (keys ``CFG_*`` below)
+
+Train reply (client -> server):
+    ``ARRAYS``  ArrayRecord  the encoded adapter delta  Δ = A_local − A_t
+                             (``fedge.deltas.encode``; only adapter tensors)
+    ``METRICS`` MetricRecord ``M_*`` keys (numbers only)
+    ``META``    ConfigRecord ``META_*`` keys (strings: base hash, encoding)
+
+Evaluate message: same ``ARRAYS`` + ``CONFIG``; reply: ``METRICS`` only.
+"""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+META = "meta"
+
+# -- round config (server -> client) --------------------------------------------
+CFG_ROUND = "server-round"
+CFG_LOCAL_STEPS = "local-steps"
+CFG_BATCH_SIZE = "batch-size"
+CFG_LR = "lr"
+CFG_WEIGHT_DECAY = "weight-decay"
+CFG_ENCODING = "encoding"
+CFG_BASE_HASH = "base-hash"
+CFG_SEED = "seed"
+CFG_LORA_R = "lora-r"
+CFG_LORA_ALPHA = "lora-alpha"
+CFG_LORA_DROPOUT = "lora-dropout"
+CFG_LORA_TARGETS = "lora-targets"  # list[str]
+CFG_EVAL_BATCH_SIZE = "eval-batch-size"
+CFG_MAX_EVAL_EXAMPLES = "max-eval-examples"
+
+# -- reply metrics (client -> server) ------------------------------------------
+M_NUM_EXAMPLES = "num-examples"  # examples the client holds for training (FedAvg weight)
+M_TRAIN_LOSS = "train-loss"  # mean per-example loss over the local steps
+M_EVAL_LOSS = "eval-loss"  # mean per-example loss on the local held-out set
+M_EVAL_ACC = "eval-accuracy"  # classification only
+M_BYTES_UP = "bytes-up"  # exact payload bytes of the encoded delta
+M_BYTES_DOWN = "bytes-down"  # exact payload bytes of the global adapter received
+M_TRAIN_SECONDS = "train-seconds"
+
+# -- reply metadata (client -> server) -----------------------------------------
+META_BASE_HASH = "base-hash"
+META_ENCODING = "encoding"
+
+# -- node config (deployment: set per SuperNode; simulation: set by Flower) -----
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# -- run config (``flwr run --run-config``) --------------------------------------
+RUN_SCENARIO = "scenario"  # path or packaged name of the scenario YAML
+RUN_OVERRIDES = "overrides"  # ';'-separated ``a.b=value`` overrides
+RUN_DIR = "run-dir"  # where the ServerApp writes its outputs

@@ -1,0 +1,116 @@
+"""Local training and evaluation loops (plain PyTorch; no Flower here).
+
+Loss. Per-example mean, then batch mean:
+
+    ℓ_i = (1/|T_i|) Σ_{t∈T_i} −log p(y_t | y_<t)      T_i = answer tokens of example i
+    L   = (1/B) Σ_i ℓ_i
+
+(HF's built-in ``labels=`` loss averages over all tokens of the batch, which
+weights examples by answer length; per-example means are what per-example
+clipping in DP-SGD needs, and they make held-out losses comparable.)
+For classification ℓ_i is the cross-entropy of example i.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedge.data.tokenize import IGNORE, chat_prompt_ids, collate
+
+
+def per_example_loss(model, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
+    """ℓ_i for each example in the batch, shape (B,)."""
+    if task == "causal-lm":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits[:, :-1, :], batch["labels"][:, 1:]
+        tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                              ignore_index=IGNORE, reduction="none").view(labels.shape)
+        count = (labels != IGNORE).sum(dim=1).clamp(min=1)
+        return tok.sum(dim=1) / count
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+
+def batch_indices(n: int, *, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Index batches for ``steps`` steps: shuffled epochs, batches never repeat an example."""
+    rng = np.random.default_rng(seed)
+    out, perm, pos = [], rng.permutation(n), 0
+    b = min(batch_size, n)
+    for _ in range(steps):
+        if pos + b > n:
+            perm, pos = rng.permutation(n), 0
+        out.append(perm[pos:pos + b])
+        pos += b
+    return out
+
+
+def train_local(
+    model,
+    examples: list[dict],
+    *,
+    task: str,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run ``steps`` AdamW steps on the trainable parameters; return mean train loss."""
+    if not examples:
+        raise ValueError("no local training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    for idx in batch_indices(len(examples), steps=steps, batch_size=batch_size, seed=seed):
+        batch = collate([examples[i] for i in idx], task=task, pad_id=pad_id)
+        loss = per_example_loss(model, batch, task=task).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return {"loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0, "steps": len(losses)}
+
+
+@torch.no_grad()
+def evaluate(
+    model, examples: list[dict], *, task: str, pad_id: int, batch_size: int = 16, max_examples: int | None = None
+) -> dict[str, float]:
+    """Mean per-example loss (and accuracy for classification) over ``examples``."""
+    ex = examples[:max_examples] if max_examples else examples
+    if not ex:
+        return {"loss": math.nan, "n": 0}
+    model.eval()
+    total, correct = 0.0, 0
+    for s in range(0, len(ex), batch_size):
+        batch = collate(ex[s:s + batch_size], task=task, pad_id=pad_id)
+        total += float(per_example_loss(model, batch, task=task).sum())
+        if task != "causal-lm":
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            correct += int((model(**inputs).logits.argmax(-1) == batch["labels"]).sum())
+    out = {"loss": total / len(ex), "n": len(ex)}
+    if task != "causal-lm":
+        out["accuracy"] = correct / len(ex)
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> str:
+    """Greedy answer to ``prompt`` as a chat turn (deterministic, for side-by-side views)."""
+    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
+    end_ids = {tokenizer.eos_token_id}
+    if "<|im_end|>" in tokenizer.get_vocab():
+        end_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=list(end_ids), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

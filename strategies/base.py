@@ -1,0 +1,249 @@
+"""``DeltaStrategy``: Flower's message-based ``Strategy`` over adapter deltas.
+
+The base class owns everything that is not the aggregation rule:
+
+* seeded, reproducible node sampling (same seed + round -> same clients);
+* train/evaluate messages carrying the global adapter A_t and the round config;
+* validation of every reply before any aggregation sees it: error replies,
+  base hash, encoding, tensor names / shapes / dtypes, finite values, norm bound.
+  A rejected reply is logged with its reason; the round goes on with the rest
+  if at least ``min_replies`` remain, else the global adapter is kept;
+* A_{t+1} = server_update(A_t, aggregate(Δ_1..Δ_n, w_1..w_n)).
+
+A new algorithm subclasses it and overrides :meth:`aggregate` (and, for server
+optimisers, :meth:`server_update`); it never touches models or data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedge import deltas, protocol as P
+
+log = logging.getLogger("fedge.strategy")
+
+
+@dataclass
+class ClientUpdate:
+    """One accepted train reply, decoded: Δ (float64) and its metadata."""
+
+    node_id: int
+    delta: dict[str, np.ndarray]
+    num_examples: float
+    metrics: dict[str, float]
+    norm: float
+
+
+@dataclass
+class RoundReport:
+    """What happened in the last train round (read by the server loop)."""
+
+    sampled: int = 0
+    accepted: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    updated: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_loss: float | None = None
+    delta_norms: list[float] = field(default_factory=list)
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes connected than a round needs, after waiting ``wait_nodes_s``."""
+
+
+class DeltaStrategy(Strategy):
+    """Base for strategies that aggregate adapter deltas (see module docstring).
+
+    Parameters (keyword-only, set by the server from the scenario)
+    ----------
+    clients_per_round : clients sampled for training each round (m).
+    evaluate_clients_per_round : clients sampled for local held-out evaluation (0 = none).
+    min_replies : fewest valid replies needed to update the global adapter.
+    encoding : expected wire encoding of deltas (``fedge.deltas.ENCODINGS``).
+    base_hash : sha256 of the base model; replies with another hash are rejected.
+    max_delta_norm : reject deltas with ‖Δ‖₂ above this (None = no bound).
+    seed : sampling seed.
+    wait_nodes_s : how long to wait for enough nodes before failing loudly.
+    """
+
+    name = "base"
+    paper = ""
+    weighted = True  # whether ``aggregate`` uses the example-count weights
+
+    def __init__(
+        self,
+        *,
+        clients_per_round: int,
+        evaluate_clients_per_round: int = 0,
+        min_replies: int = 1,
+        encoding: str = "fp32",
+        base_hash: str = "",
+        max_delta_norm: float | None = None,
+        seed: int = 0,
+        wait_nodes_s: float = 300.0,
+    ) -> None:
+        if clients_per_round < 1:
+            raise ValueError("clients_per_round must be >= 1")
+        if encoding not in deltas.ENCODINGS:
+            raise ValueError(f"encoding {encoding!r}; allowed: {list(deltas.ENCODINGS)}")
+        self.clients_per_round = clients_per_round
+        self.evaluate_clients_per_round = evaluate_clients_per_round
+        self.min_replies = min_replies
+        self.encoding = encoding
+        self.base_hash = base_hash
+        self.max_delta_norm = max_delta_norm
+        self.seed = seed
+        self.wait_nodes_s = wait_nodes_s
+        self.current: dict[str, np.ndarray] | None = None  # A_t, set by configure_train
+        self.report = RoundReport()
+
+    # -- the one method an algorithm overrides ----------------------------------
+
+    def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Combine client deltas into one; ``weights`` are non-negative and sum to 1."""
+        raise NotImplementedError
+
+    def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A_{t+1} from A_t and the aggregate. Default: A_t + aggregate."""
+        return deltas.apply_delta(current, aggregate)
+
+    def round_config(self, server_round: int) -> dict:
+        """Extra keys this algorithm sends to clients in the train config (e.g. FedProx μ)."""
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Server-side algorithm state (momentum, moments...) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)[:3]}")
+
+    def summary(self) -> None:
+        log.info("strategy %s: %d clients/round, encoding %s, min replies %d",
+                 self.name, self.clients_per_round, self.encoding, self.min_replies)
+
+    # -- sampling -----------------------------------------------------------------
+
+    def sample(self, grid: Grid, server_round: int, k: int, purpose: int) -> list[int]:
+        """k distinct node ids, reproducible for (seed, round, purpose)."""
+        deadline, last_log = time.monotonic() + self.wait_nodes_s, 0.0
+        while len(nodes := sorted(grid.get_node_ids())) < k:
+            now = time.monotonic()
+            if now > deadline:
+                raise NotEnoughNodes(f"round {server_round}: {len(nodes)} nodes connected, {k} needed; "
+                                     f"gave up after {self.wait_nodes_s:.0f} s")
+            if now - last_log > 10:
+                log.warning("round %d: waiting for nodes: %d connected, %d needed", server_round, len(nodes), k)
+                last_log = now
+            time.sleep(0.5)
+        rng = np.random.default_rng([self.seed, server_round, purpose])
+        return [int(n) for n in rng.choice(nodes, size=k, replace=False)]
+
+    # -- Flower Strategy API --------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = deltas.from_record(arrays)
+        nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
+        cfg = ConfigRecord({**dict(config), **self.round_config(server_round), P.CFG_ROUND: server_round})
+        self.report = RoundReport(sampled=len(nodes), bytes_down=deltas.record_bytes(arrays) * len(nodes))
+        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        updates = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            try:
+                updates.append(self.decode_reply(msg))
+            except deltas.InvalidUpdate as err:
+                self.report.rejected.append((node, str(err)))
+                log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
+        rep = self.report
+        rep.accepted = len(updates)
+        rep.bytes_up = int(sum(u.metrics.get(P.M_BYTES_UP, 0) for u in updates))
+        rep.delta_norms = [u.norm for u in updates]
+        if rep.accepted < rep.sampled:
+            # Fewer replies than planned: the round's statistics (and any DP guarantee
+            # calibrated on clients_per_round) rest on fewer clients.
+            log.warning("round %d: %d of %d sampled clients contributed", server_round, rep.accepted, rep.sampled)
+        n_ex = np.array([u.num_examples for u in updates], np.float64)
+        metrics = MetricRecord({"accepted": rep.accepted, "rejected": len(rep.rejected)})
+        if updates:
+            rep.train_loss = float(np.average([u.metrics.get(P.M_TRAIN_LOSS, np.nan) for u in updates], weights=n_ex))
+            metrics[P.M_TRAIN_LOSS] = rep.train_loss
+        if rep.accepted < self.min_replies:
+            log.warning("round %d: %d valid replies < min_replies %d: global adapter kept",
+                        server_round, rep.accepted, self.min_replies)
+            return None, metrics
+        weights = n_ex / n_ex.sum() if self.weighted else np.full(len(updates), 1.0 / len(updates))
+        agg = self.aggregate([u.delta for u in updates], weights)
+        self.current = self.server_update(self.current, agg)
+        rep.updated = True
+        return deltas.to_record(self.current), metrics
+
+    def decode_reply(self, msg: Message) -> ClientUpdate:
+        """Validate one reply and decode its delta; raise InvalidUpdate with the reason."""
+        if msg.has_error():
+            raise deltas.InvalidUpdate(f"client error: {msg.error.reason}")
+        content = msg.content
+        for key in (P.ARRAYS, P.METRICS, P.META):
+            if key not in content:
+                raise deltas.InvalidUpdate(f"reply has no {key!r} record")
+        meta, metrics, wire = content[P.META], content[P.METRICS], content[P.ARRAYS]
+        if not isinstance(wire, ArrayRecord) or not isinstance(metrics, MetricRecord):
+            raise deltas.InvalidUpdate("reply records have the wrong types")
+        if self.base_hash and meta.get(P.META_BASE_HASH) != self.base_hash:
+            raise deltas.InvalidUpdate(f"base model hash {str(meta.get(P.META_BASE_HASH))[:12]} "
+                                       f"!= server's {self.base_hash[:12]}")
+        if meta.get(P.META_ENCODING) != self.encoding:
+            raise deltas.InvalidUpdate(f"encoding {meta.get(P.META_ENCODING)!r}, expected {self.encoding!r}")
+        num = metrics.get(P.M_NUM_EXAMPLES)
+        if not isinstance(num, (int, float)) or not np.isfinite(num) or num <= 0:
+            raise deltas.InvalidUpdate(f"{P.M_NUM_EXAMPLES} must be a positive number, got {num!r}")
+        shapes = {k: v.shape for k, v in self.current.items()}
+        deltas.validate_wire(deltas.record_layout(wire), deltas.expected_wire_layout(shapes, self.encoding))
+        delta = deltas.decode(deltas.from_record(wire), self.encoding)
+        norm = deltas.validate_values(delta, max_norm=self.max_delta_norm)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return ClientUpdate(node_id=int(msg.metadata.src_node_id), delta=delta,
+                            num_examples=float(num), metrics=clean, norm=norm)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.evaluate_clients_per_round <= 0:
+            return []
+        nodes = self.sample(grid, server_round, self.evaluate_clients_per_round, purpose=1)
+        cfg = ConfigRecord({**dict(config), P.CFG_ROUND: server_round})
+        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in replies:
+            if msg.has_error() or P.METRICS not in msg.content:
+                log.warning("round %d: evaluation failed on node %d: %s", server_round,
+                            msg.metadata.src_node_id, msg.error.reason if msg.has_error() else "no metrics")
+                continue
+            m = msg.content[P.METRICS]
+            n = m.get(P.M_NUM_EXAMPLES, 0)
+            if isinstance(n, (int, float)) and n > 0 and np.isfinite(m.get(P.M_EVAL_LOSS, np.nan)):
+                rows.append(m)
+        if not rows:
+            return None
+        w = np.array([r[P.M_NUM_EXAMPLES] for r in rows], np.float64)
+        out = MetricRecord({P.M_EVAL_LOSS: float(np.average([r[P.M_EVAL_LOSS] for r in rows], weights=w)),
+                            "clients": len(rows)})
+        if all(P.M_EVAL_ACC in r for r in rows):
+            out[P.M_EVAL_ACC] = float(np.average([r[P.M_EVAL_ACC] for r in rows], weights=w))
+        return out
