@@ -9,6 +9,7 @@ for _k, _v in {
     "TRANSFORMERS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "0",
+    "TQDM_DISABLE": "1",
 }.items():
     _os.environ.setdefault(_k, _v)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedge.data.tokenize import IGNORE, chat_prompt_ids, collate
+from fedge.data.tokenize import IGNORE, chat_prompt_ids, collate, end_token_id
 
 
 def per_example_loss(model, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
@@ -107,9 +107,7 @@ def evaluate(
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> str:
     """Greedy answer to ``prompt`` as a chat turn (deterministic, for side-by-side views)."""
     ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
-    end_ids = {tokenizer.eos_token_id}
-    if "<|im_end|>" in tokenizer.get_vocab():
-        end_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    end_ids = {end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     model.eval()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=list(end_ids), pad_token_id=tokenizer.pad_token_id)

@@ -147,7 +147,8 @@ class DeltaStrategy(Strategy):
                 last_log = now
             time.sleep(0.5)
         rng = np.random.default_rng([self.seed, server_round, purpose])
-        return [int(n) for n in rng.choice(nodes, size=k, replace=False)]
+        # Choose indices, not ids: node ids are uint64 and numpy would round them.
+        return [nodes[int(i)] for i in rng.choice(len(nodes), size=k, replace=False)]
 
     # -- Flower Strategy API --------------------------------------------------------
 

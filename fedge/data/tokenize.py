@@ -25,10 +25,20 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
 
 
+def end_token_id(tokenizer) -> int:
+    """The token that ends an answer: ``<|im_end|>`` for ChatML models, else EOS (or SEP)."""
+    if "<|im_end|>" in tokenizer.get_vocab():
+        return int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("the tokenizer has no end-of-turn, EOS or SEP token")
+
+
 def encode_chat(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
     """One example: prompt ids + response ids + end token; labels only on the response."""
     p = chat_prompt_ids(tokenizer, prompt)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    end = end_token_id(tokenizer)
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
     # Keep at least a few answer tokens: truncate the prompt from the left if needed.
     keep_answer = min(len(r), max(1, max_length // 2))

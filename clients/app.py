@@ -1,0 +1,97 @@
+"""Flower ClientApp: local LoRA training that returns only the adapter delta.
+
+train:    A_t (global adapter) + round config  ->  encoded Δ = A_local − A_t, metrics, base hash
+evaluate: A_t  ->  loss (and accuracy) on this client's local held-out set
+
+The scenario comes from the run config (``flwr run --run-config scenario=...``)
+or, in ``fedge simulate``, from the resolved config file the runner wrote.
+The partition comes from the node config (``partition-id``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.runtime import get_runtime, scenario
+from fedge import deltas, models
+from fedge import protocol as P
+from fedge.train import evaluate as evaluate_model
+from fedge.train import train_local
+
+
+class BaseMismatch(RuntimeError):
+    """This node's base model differs from the server's: it refuses to train."""
+
+
+def _scenario_for(context: Context, config_path: str | None):
+    if config_path:
+        return scenario(config_path)
+    rc = context.run_config
+    overrides = tuple(s for s in str(rc.get(P.RUN_OVERRIDES, "")).split(";") if s.strip())
+    return scenario(str(rc.get(P.RUN_SCENARIO, "default")), overrides)
+
+
+def _prepare(msg: Message, context: Context, config_path: str | None):
+    cfg = _scenario_for(context, config_path)
+    rt = get_runtime(cfg)
+    conf = msg.content[P.CONFIG]
+    server_hash = str(conf.get(P.CFG_BASE_HASH, ""))
+    if server_hash != rt.base.hash:
+        raise BaseMismatch(f"base model hash {rt.base.hash[:12]} differs from the server's {server_hash[:12]}: "
+                           "refusing to train on a different base model")
+    peft = rt.peft_model(r=int(conf[P.CFG_LORA_R]), alpha=float(conf[P.CFG_LORA_ALPHA]),
+                         dropout=float(conf[P.CFG_LORA_DROPOUT]), targets=tuple(conf[P.CFG_LORA_TARGETS]))
+    global_state = deltas.from_record(msg.content[P.ARRAYS])
+    models.set_adapter_state(peft, global_state)
+    pid = int(context.node_config[P.NODE_PARTITION_ID])
+    return rt, conf, peft, global_state, pid
+
+
+def make_app(config_path: str | None = None) -> ClientApp:
+    """A ClientApp; ``config_path`` pins the scenario (simulation), else the run config decides."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        t0 = time.perf_counter()
+        rt, conf, peft, global_state, pid = _prepare(msg, context, config_path)
+        train_ex, _ = rt.examples(pid)
+        rnd = int(conf[P.CFG_ROUND])
+        seed = int(np.random.SeedSequence([int(conf[P.CFG_SEED]), rnd, pid]).generate_state(1)[0])
+        result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
+                             batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]),
+                             weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed)
+        delta = deltas.compute_delta(models.get_adapter_state(peft), global_state)
+        encoding = str(conf[P.CFG_ENCODING])
+        wire = deltas.to_record(deltas.encode(delta, encoding))
+        metrics = MetricRecord({
+            P.M_NUM_EXAMPLES: len(train_ex),
+            P.M_TRAIN_LOSS: result["loss"],
+            P.M_BYTES_UP: deltas.record_bytes(wire),
+            P.M_BYTES_DOWN: deltas.record_bytes(msg.content[P.ARRAYS]),
+            P.M_TRAIN_SECONDS: time.perf_counter() - t0,
+        })
+        meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: encoding})
+        return Message(RecordDict({P.ARRAYS: wire, P.METRICS: metrics, P.META: meta}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        rt, conf, peft, _, pid = _prepare(msg, context, config_path)
+        _, held = rt.examples(pid)
+        res = evaluate_model(peft, held, task=rt.task, pad_id=rt.pad_id,
+                             batch_size=int(conf[P.CFG_EVAL_BATCH_SIZE]),
+                             max_examples=int(conf[P.CFG_MAX_EVAL_EXAMPLES]))
+        metrics = MetricRecord({P.M_NUM_EXAMPLES: res["n"], P.M_EVAL_LOSS: res["loss"]})
+        if "accuracy" in res:
+            metrics[P.M_EVAL_ACC] = res["accuracy"]
+        return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+    return app
+
+
+# For `flwr run` / SuperNodes: the scenario comes from the run config.
+app = make_app()

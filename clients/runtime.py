@@ -1,0 +1,101 @@
+"""What a client process keeps between messages: base model, adapter, local data.
+
+Flower calls the ClientApp once per message; in simulation the same Ray actor
+process serves many virtual clients and rounds, so the frozen base model and
+the tokenized partitions are loaded once per process and reused (the base is
+never modified; only LoRA tensors are overwritten from the global adapter).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fedge import config as fcfg
+from fedge import models
+from fedge.data import federated_split
+from fedge.data.tokenize import encode_dataset
+
+
+@dataclass
+class ClientRuntime:
+    base: models.Base
+    task: str
+    max_length: int
+    seed: int
+    data_args: dict
+    _peft: dict = field(default_factory=dict)
+    _examples: dict = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.base.tokenizer.pad_token_id)
+
+    def peft_model(self, *, r: int, alpha: float, dropout: float, targets: tuple[str, ...]):
+        """The LoRA-wrapped model for this adapter shape (one per process)."""
+        key = (r, alpha, dropout, tuple(targets))
+        if key not in self._peft:
+            if self._peft:  # a new shape: unwrap the previous adapter first
+                (old,) = self._peft.values()
+                old.unload()
+                self._peft.clear()
+            self._peft[key] = models.add_lora(self.base.model, task=self.task, r=r, alpha=alpha,
+                                              dropout=dropout, target_modules=targets, seed=self.seed)
+        return self._peft[key]
+
+    def examples(self, partition_id: int) -> tuple[list[dict], list[dict]]:
+        """Tokenized (train, held-out) examples of one partition."""
+        if partition_id not in self._examples:
+            fd = federated_split(**self.data_args)
+            if not 0 <= partition_id < len(fd.clients):
+                raise ValueError(f"partition-id {partition_id} outside 0..{len(fd.clients) - 1}")
+            train, held = fd.clients[partition_id]
+            tok = self.base.tokenizer
+            self._examples[partition_id] = (
+                encode_dataset(tok, train, task=self.task, max_length=self.max_length),
+                encode_dataset(tok, held, task=self.task, max_length=self.max_length),
+            )
+        return self._examples[partition_id]
+
+
+def data_args(cfg: fcfg.RunConfig) -> dict:
+    """Flat arguments of ``federated_split`` from a scenario (server and clients agree)."""
+    d = cfg.data
+    return dict(source=d.source, task=cfg.model.task, languages=tuple(d.languages), scheme=d.partition,
+                num_clients=d.num_clients, partition_by=d.partition_by,
+                natural_ids=tuple(d.natural_ids) if d.natural_ids else None, alpha=d.alpha,
+                min_partition_size=d.min_partition_size, holdout_fraction=d.holdout_fraction,
+                global_holdout_fraction=d.global_holdout_fraction, seed=cfg.seed)
+
+
+def num_labels(cfg: fcfg.RunConfig) -> int | None:
+    if cfg.model.task != "sequence-classification":
+        return None
+    if cfg.model.num_labels:
+        return cfg.model.num_labels
+    return len(federated_split(**data_args(cfg)).label_names or ()) or None
+
+
+@lru_cache(maxsize=2)
+def scenario(path: str, overrides: tuple[str, ...] = ()) -> fcfg.RunConfig:
+    return fcfg.load(path, list(overrides))
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+
+
+def get_runtime(cfg: fcfg.RunConfig) -> ClientRuntime:
+    """The process-wide runtime for a scenario (built on first use)."""
+    key = cfg.digest()
+    if key not in _RUNTIMES:
+        torch.set_num_threads(int(os.environ.get("FEDGE_TORCH_THREADS", cfg.simulation.torch_threads)))
+        base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
+                                cache_dir=Path(cfg.model.cache_dir) if cfg.model.cache_dir else None, seed=cfg.seed)
+        _RUNTIMES.clear()  # one scenario per process: free the previous model
+        _RUNTIMES[key] = ClientRuntime(base=base, task=cfg.model.task, max_length=cfg.model.max_length,
+                                       seed=cfg.seed, data_args=data_args(cfg))
+    return _RUNTIMES[key]

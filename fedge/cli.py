@@ -1,0 +1,125 @@
+"""The ``fedge`` command. Thin: parse arguments, call the library, print.
+
+    fedge simulate [SCENARIO] [--set a.b=value ...]   run a federation on this machine
+    fedge config   [SCENARIO] [--set ...]             validate and print the resolved config
+    fedge strategies                                  list aggregation strategies
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedge import config as fcfg
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _mib(b) -> str:
+    return "—" if b is None else f"{b / 2**20:.2f}"
+
+
+def _round_line(row: dict) -> str:
+    if row["round"] == 0:
+        acc = f"  acc {row['central_accuracy']:.3f}" if row.get("central_accuracy") is not None else ""
+        return f"round   0 | held-out loss {row['central_loss']:.4f}{acc}  (base model + empty adapter)"
+    acc = f" acc {row['central_accuracy']:.3f} |" if row.get("central_accuracy") is not None else ""
+    return (f"round {row['round']:>3} | clients {row['accepted']}/{row['sampled']}"
+            f"{' (' + str(row['rejected']) + ' rejected)' if row['rejected'] else ''} | "
+            f"train loss {_fmt(row['train_loss'])} | held-out loss {row['central_loss']:.4f} |{acc} "
+            f"local {_fmt(row['local_eval_loss'])} | up {_mib(row['bytes_up_per_client'])} MiB/client "
+            f"down {_mib(row['bytes_down_per_client'])} MiB/client | {row['seconds']:.1f} s")
+
+
+def cmd_simulate(args) -> int:
+    from server.app import new_run_dir
+    from simulations.runner import simulate
+
+    cfg = fcfg.load(args.scenario, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
+    print(f"fedge simulate: scenario '{cfg.name}', {cfg.data.num_clients} clients "
+          f"({cfg.federation.clients_per_round}/round), {cfg.federation.num_rounds} rounds, "
+          f"model {cfg.model.source}, strategy {cfg.strategy.name}")
+    print(f"run directory: {run_dir}", flush=True)
+    t0 = time.perf_counter()
+    summary = simulate(cfg, run_dir, on_round=lambda row: print(_round_line(row), flush=True), verbose=args.verbose)
+    print(f"\nheld-out loss {summary['initial_central_loss']:.4f} -> {summary['final_central_loss']:.4f}"
+          f"  ({summary['adapter_parameters']:,} adapter parameters exchanged; base {summary['base_parameters']:,})")
+    if "sample_prompt" in summary:
+        print(f"\nprompt:     {summary['sample_prompt']}")
+        print(f"base:       {summary['base_answer']}")
+        print(f"fine-tuned: {summary['finetuned_answer']}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/ (metrics.jsonl, adapter/, report.md)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = fcfg.load(args.scenario, args.set)
+    print(fcfg.dump_yaml(cfg), end="")
+    return 0
+
+
+def cmd_strategies(args) -> int:
+    from strategies import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps([{"name": n, "summary": s, "paper": p} for n, s, p in rows], indent=2))
+        return 0
+    width = max(len(n) for n, _, _ in rows)
+    for name, summary, paper in rows:
+        print(f"{name:<{width}}  {summary}" + (f"  [{paper}]" if paper else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedge", description="Federated LoRA fine-tuning on edge devices.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def scenario_args(sp):
+        sp.add_argument("scenario", nargs="?", default=fcfg.DEFAULT_SCENARIO,
+                        help="packaged scenario name or path to a YAML file (default: %(default)s)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+
+    sp = sub.add_parser("simulate", help="run a federation on this machine (Flower simulation engine)")
+    scenario_args(sp)
+    sp.add_argument("--run-dir", help="write outputs here instead of runs/<run-id>/")
+    sp.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    sp.set_defaults(fn=cmd_simulate)
+
+    sp = sub.add_parser("config", help="validate a scenario and print the resolved config")
+    scenario_args(sp)
+    sp.set_defaults(fn=cmd_config)
+
+    sp = sub.add_parser("strategies", help="list the registered aggregation strategies")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_strategies)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except fcfg.ConfigError as err:
+        print(f"fedge: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # known user-facing errors get one line, not a traceback
+        from fedge.data import DataError
+        from fedge.models import ModelLoadError
+        from strategies import StrategyError
+
+        if isinstance(err, (DataError, ModelLoadError, StrategyError)):
+            print(f"fedge: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

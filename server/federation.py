@@ -1,0 +1,192 @@
+"""The server's round loop over a Flower ``Grid``.
+
+    A_0 = fresh LoRA adapter (B = 0: the served model starts as the base model)
+    for t = 1..T:
+        replies  = send train(A_{t-1}, round config) to m sampled clients
+        A_t      = strategy.aggregate_train(replies)      (validated deltas only)
+        local    = evaluate(A_t) on sampled clients' held-out sets
+        central  = evaluate(A_t) on the global held-out set
+        append one line to metrics.jsonl; report it
+
+Run directory ``<run_root>/<run-id>/``: ``config.yaml`` (resolved), ``metrics.jsonl``,
+``adapter/`` (final adapter, PEFT format: ``PeftModel.from_pretrained`` loads it),
+``summary.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+import strategies
+from clients.runtime import data_args, num_labels
+from fedge import config as fcfg
+from fedge import deltas, models
+from fedge import protocol as P
+from fedge.data import federated_split
+from fedge.data.tokenize import encode_dataset
+from fedge.train import evaluate, generate
+
+log = logging.getLogger("fedge.server")
+
+COMMON_STRATEGY_ARGS = ("clients_per_round", "evaluate_clients_per_round", "min_replies", "encoding",
+                        "base_hash", "max_delta_norm", "seed", "wait_nodes_s")
+
+
+def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaStrategy:
+    clash = sorted(set(cfg.strategy.params) & set(COMMON_STRATEGY_ARGS))
+    if clash:
+        raise strategies.StrategyError(f"strategy.params: {clash} are set in the federation section, not here")
+    fed = cfg.federation
+    return strategies.build(cfg.strategy.name, clients_per_round=fed.clients_per_round,
+                            evaluate_clients_per_round=fed.evaluate_clients_per_round, min_replies=fed.min_replies,
+                            encoding=fed.encoding, base_hash=base_hash, max_delta_norm=fed.max_delta_norm,
+                            seed=cfg.seed, **cfg.strategy.params)
+
+
+def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
+    """Everything a client needs to train one round (the server is the authority)."""
+    t, lo = cfg.train, cfg.lora
+    return ConfigRecord({
+        P.CFG_LOCAL_STEPS: t.local_steps, P.CFG_BATCH_SIZE: t.batch_size, P.CFG_LR: t.lr,
+        P.CFG_WEIGHT_DECAY: t.weight_decay, P.CFG_ENCODING: cfg.federation.encoding, P.CFG_BASE_HASH: base_hash,
+        P.CFG_SEED: cfg.seed, P.CFG_LORA_R: lo.r, P.CFG_LORA_ALPHA: lo.alpha, P.CFG_LORA_DROPOUT: lo.dropout,
+        P.CFG_LORA_TARGETS: list(lo.target_modules), P.CFG_EVAL_BATCH_SIZE: t.eval_batch_size,
+        P.CFG_MAX_EVAL_EXAMPLES: cfg.data.max_eval_examples,
+    })
+
+
+class Evaluator:
+    """Central evaluation of an adapter on the global held-out set (server side)."""
+
+    def __init__(self, cfg: fcfg.RunConfig):
+        self.task = cfg.model.task
+        self.base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
+                                     cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+        self.base_parameters = sum(p.numel() for p in self.base.model.parameters())
+        lo = cfg.lora
+        self.model = models.add_lora(self.base.model, task=cfg.model.task, r=lo.r, alpha=lo.alpha,
+                                     dropout=lo.dropout, target_modules=lo.target_modules, seed=cfg.seed)
+        holdout = federated_split(**data_args(cfg)).global_holdout
+        self.examples = encode_dataset(self.base.tokenizer, holdout, task=self.task,
+                                       max_length=cfg.model.max_length)[: cfg.data.max_eval_examples]
+        self.batch_size = cfg.train.eval_batch_size
+
+    def initial_adapter(self) -> dict:
+        return models.get_adapter_state(self.model)
+
+    def __call__(self, adapter: dict) -> dict[str, float]:
+        models.set_adapter_state(self.model, adapter)
+        return evaluate(self.model, self.examples, task=self.task, pad_id=int(self.base.tokenizer.pad_token_id),
+                        batch_size=self.batch_size)
+
+    def answer(self, prompt: str, adapter: dict | None) -> str:
+        if adapter is None:
+            with self.model.disable_adapter():
+                return generate(self.model, self.base.tokenizer, prompt)
+        models.set_adapter_state(self.model, adapter)
+        return generate(self.model, self.base.tokenizer, prompt)
+
+
+def run_federation(
+    grid: Grid,
+    cfg: fcfg.RunConfig,
+    run_dir: Path,
+    *,
+    on_round: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run all rounds; write the run directory; return the summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(fcfg.dump_yaml(cfg))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # clients are idle while the server evaluates
+    t_start = time.perf_counter()
+    ev = Evaluator(cfg)
+    strategy = build_strategy(cfg, base_hash=ev.base.hash)
+    strategy.summary()
+    train_cfg = round_config(cfg, base_hash=ev.base.hash)
+    adapter = ev.initial_adapter()
+    arrays = deltas.to_record(adapter)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    fed = cfg.federation
+
+    def emit(row: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if on_round:
+            on_round(row)
+
+    central = initial = ev(adapter)
+    emit({"round": 0, "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
+          "seconds": time.perf_counter() - t_start})
+    history = []
+    for rnd in range(1, fed.num_rounds + 1):
+        t0 = time.perf_counter()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid), timeout=fed.round_timeout_s)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        rep = strategy.report
+        if new_arrays is not None:
+            arrays = new_arrays
+        eval_msgs = strategy.configure_evaluate(rnd, arrays, train_cfg, grid)
+        local = strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
+        adapter = deltas.from_record(arrays)
+        central = ev(adapter)
+        row = {
+            "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
+            "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
+            "train_loss": rep.train_loss,
+            "local_eval_loss": local.get(P.M_EVAL_LOSS) if local else None,
+            "local_eval_accuracy": local.get(P.M_EVAL_ACC) if local else None,
+            "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
+            "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down,
+            "bytes_up_per_client": rep.bytes_up / max(rep.accepted, 1),
+            "bytes_down_per_client": rep.bytes_down / max(rep.sampled, 1),
+            "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        emit(row)
+
+    # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
+    models.set_adapter_state(ev.model, adapter)
+    ev.model.save_pretrained(run_dir / "adapter")
+    summary = {
+        "run_dir": str(run_dir), "scenario": cfg.name, "strategy": cfg.strategy.name,
+        "rounds": fed.num_rounds, "base_model": cfg.model.source, "base_hash": ev.base.hash,
+        "adapter_parameters": int(sum(v.size for v in adapter.values())),
+        "base_parameters": int(ev.base_parameters),
+        "initial_central_loss": initial["loss"], "initial_central_accuracy": initial.get("accuracy"),
+        "final_central_loss": central["loss"], "final_central_accuracy": central.get("accuracy"),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    if cfg.model.task == "causal-lm":
+        summary["sample_prompt"] = cfg.sample_prompt
+        summary["base_answer"] = ev.answer(cfg.sample_prompt, None)
+        summary["finetuned_answer"] = ev.answer(cfg.sample_prompt, adapter)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_report(run_dir, summary, history)
+    return summary
+
+
+def _write_report(run_dir: Path, summary: dict, history: list[dict]) -> None:
+    lines = [f"# Run {run_dir.name}", "", f"Scenario `{summary['scenario']}`, strategy `{summary['strategy']}`, "
+             f"{summary['rounds']} rounds, base `{summary['base_model']}` (sha256 {summary['base_hash'][:12]}).", "",
+             "| round | accepted | rejected | train loss | local held-out loss | central loss | bytes up/client | s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in history:
+        f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"| {r['round']} | {r['accepted']} | {r['rejected']} | {f(r['train_loss'])} | "
+                     f"{f(r['local_eval_loss'])} | {f(r['central_loss'])} | {r['bytes_up_per_client']:.0f} | {r['seconds']:.1f} |")
+    lines += ["", f"Central held-out loss: {summary['initial_central_loss']:.4f} → {summary['final_central_loss']:.4f}."]
+    if "sample_prompt" in summary:
+        lines += ["", f"Prompt: {summary['sample_prompt']}", "", f"- base: {summary['base_answer']}",
+                  f"- fine-tuned: {summary['finetuned_answer']}"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")

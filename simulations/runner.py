@@ -1,0 +1,83 @@
+"""``fedge simulate``: one scenario on Flower's simulation engine (Ray backend).
+
+The ServerApp runs in this process (so the live view sees every round); each
+virtual client is a ClientApp executed by Flower's Ray actors, which keep the
+base model loaded across messages. Ray is started and shut down by Flower's
+simulation engine within this call: no process outlives it, nothing is
+installed or downloaded at run time.
+
+Why ``run_simulation`` rather than ``flwr run``: the latter starts a local
+SuperLink that outlives the run and runs the app from a copy unpacked in
+``$FLWR_HOME`` (see docs/design.md). Both execute the same ServerApp/ClientApp
+code; ``flwr run .`` keeps working with ``--run-config "scenario='...'"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from fedge import config as fcfg
+
+
+def backend_config(cfg: fcfg.RunConfig) -> dict:
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": "error", "log_to_driver": True},
+    }
+
+
+def preflight(cfg: fcfg.RunConfig, run_dir: Path) -> None:
+    """Fail before any runtime starts: unwritable run dir, bad data or strategy settings."""
+    from clients.runtime import data_args
+    from fedge.data import federated_split
+    from server.federation import build_strategy
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / ".write-test"
+    try:
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise fcfg.ConfigError(f"run directory {run_dir} is not writable: {err}") from None
+    build_strategy(cfg, base_hash="")
+    fd = federated_split(**data_args(cfg))
+    empty = [fd.client_names[i] for i, (tr, _) in enumerate(fd.clients) if len(tr) == 0]
+    if empty:
+        raise fcfg.ConfigError(f"data: clients {empty} have no training records")
+
+
+def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], None] | None = None,
+             verbose: bool = False) -> dict:
+    """Run the scenario; return the run summary (also written to ``run_dir``)."""
+    from flwr.simulation import run_simulation
+
+    import clients.app
+    import server.app
+
+    preflight(cfg, run_dir)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(fcfg.dump_yaml(cfg))
+    # Ray workers inherit this environment: pin client threads, stay offline-safe.
+    os.environ["FEDGE_TORCH_THREADS"] = str(cfg.simulation.torch_threads)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.simulation.torch_threads)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    result: dict = {}
+    run_simulation(
+        server_app=server.app.make_app(str(config_file), run_dir, on_round, result),
+        client_app=clients.app.make_app(str(config_file.resolve())),
+        num_supernodes=cfg.data.num_clients,
+        backend_config=backend_config(cfg),
+        verbose_logging=verbose,
+    )
+    if not result:
+        raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
+    return result

@@ -1,0 +1,35 @@
+"""FedYogi: Yogi on the server over the mean client delta.
+
+Reddi et al., "Adaptive Federated Optimization", ICLR 2021,
+https://arxiv.org/abs/2003.00295 (Algorithm 2; the shared math is in ``strategies.fedopt``):
+
+    v_t = v_{t-1} − (1 − β₂) Δ_t² sign(v_{t-1} − Δ_t²)
+
+v grows or shrinks additively towards Δ_t², so it cannot collapse as fast as
+Adam's; it stays positive (v_t ≥ β₂ v_{t-1} > 0 since v_{-1} = τ²).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from strategies.fedopt import FedOpt, _check_beta
+from strategies.registry import register
+
+
+@register("fedyogi")
+class FedYogi(FedOpt):
+    """Server-side Yogi over the example-weighted mean delta.
+
+    Parameters: ``eta``, ``beta_1``, ``tau`` as in ``FedOpt``; ``beta_2`` in [0, 1), second-moment decay.
+    """
+
+    name = "fedyogi"
+    paper = "Reddi et al. 2021, arXiv:2003.00295"
+
+    def __init__(self, *, beta_2: float = 0.99, **kw) -> None:
+        super().__init__(**kw)
+        self.beta_2 = _check_beta("beta_2", beta_2)
+
+    def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        return v - (1 - self.beta_2) * d2 * np.sign(v - d2)
