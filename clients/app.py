@@ -64,7 +64,8 @@ def make_app(config_path: str | None = None) -> ClientApp:
         seed = int(np.random.SeedSequence([int(conf[P.CFG_SEED]), rnd, pid]).generate_state(1)[0])
         result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
                              batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]),
-                             weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed)
+                             weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed,
+                             proximal_mu=float(conf.get(P.CFG_PROXIMAL_MU, 0.0)))
         delta = deltas.compute_delta(models.get_adapter_state(peft), global_state)
         encoding = str(conf[P.CFG_ENCODING])
         wire = deltas.to_record(deltas.encode(delta, encoding))

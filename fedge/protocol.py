@@ -33,6 +33,7 @@ CFG_LORA_DROPOUT = "lora-dropout"
 CFG_LORA_TARGETS = "lora-targets"  # list[str]
 CFG_EVAL_BATCH_SIZE = "eval-batch-size"
 CFG_MAX_EVAL_EXAMPLES = "max-eval-examples"
+CFG_PROXIMAL_MU = "proximal-mu"  # FedProx μ: clients add (μ/2)‖w − A_t‖² to their loss
 
 # -- reply metrics (client -> server) ------------------------------------------
 M_NUM_EXAMPLES = "num-examples"  # examples the client holds for training (FedAvg weight)

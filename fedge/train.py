@@ -61,11 +61,17 @@ def train_local(
     lr: float,
     weight_decay: float = 0.0,
     seed: int = 0,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Run ``steps`` AdamW steps on the trainable parameters; return mean train loss."""
+    """Run ``steps`` AdamW steps on the trainable parameters; return mean train loss.
+
+    With ``proximal_mu`` = μ > 0 (FedProx) the objective is L + (μ/2)‖w − w_0‖², w_0 the
+    trainable parameters at entry (the global adapter); the reported loss is L alone.
+    """
     if not examples:
         raise ValueError("no local training examples")
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
     model.train()
@@ -73,8 +79,11 @@ def train_local(
     for idx in batch_indices(len(examples), steps=steps, batch_size=batch_size, seed=seed):
         batch = collate([examples[i] for i in idx], task=task, pad_id=pad_id)
         loss = per_example_loss(model, batch, task=task).mean()
+        objective = loss
+        if anchor is not None:
+            objective = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         opt.step()
         losses.append(float(loss.detach()))
     model.eval()

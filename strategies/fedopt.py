@@ -25,7 +25,7 @@ from fedge import deltas
 from strategies.base import DeltaStrategy
 
 
-def _check_beta(name: str, value: float) -> float:
+def check_beta(name: str, value: float) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
@@ -47,7 +47,7 @@ class FedOpt(DeltaStrategy):
             raise ValueError(f"eta must be a positive number, got {eta!r}")
         if not (np.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a positive number, got {tau!r}")
-        self.eta, self.beta_1, self.tau = float(eta), _check_beta("beta_1", beta_1), float(tau)
+        self.eta, self.beta_1, self.tau = float(eta), check_beta("beta_1", beta_1), float(tau)
         self.m: dict[str, np.ndarray] | None = None  # None before the first round
         self.v: dict[str, np.ndarray] | None = None
 

@@ -19,7 +19,7 @@ from strategies.fedavg import FedAvg
 from strategies.registry import register
 
 # Round-config key carrying μ (same name as Flower's FedProx); belongs in fedge.protocol.
-CFG_PROXIMAL_MU = "proximal-mu"
+from fedge.protocol import CFG_PROXIMAL_MU
 
 
 @register("fedprox")

