@@ -91,6 +91,13 @@ def make_app(config_path: str | None = None) -> ClientApp:
             metrics[P.M_EVAL_ACC] = res["accuracy"]
         return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
 
+    @app.query()
+    def identity(msg: Message, context: Context) -> Message:
+        """The stable name the server samples and orders clients by (node ids change per run)."""
+        nc = context.node_config
+        name = str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc[P.NODE_PARTITION_ID]):06d}"
+        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: name})}), reply_to=msg)
+
     return app
 
 

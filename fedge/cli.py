@@ -40,14 +40,21 @@ def cmd_simulate(args) -> int:
     from server.app import new_run_dir
     from simulations.runner import simulate
 
-    cfg = fcfg.load(args.scenario, args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise fcfg.ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        cfg = fcfg.load(run_dir / "config.yaml", args.set)
+    else:
+        cfg = fcfg.load(args.scenario, args.set)
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
     print(f"fedge simulate: scenario '{cfg.name}', {cfg.data.num_clients} clients "
           f"({cfg.federation.clients_per_round}/round), {cfg.federation.num_rounds} rounds, "
           f"model {cfg.model.source}, strategy {cfg.strategy.name}")
     print(f"run directory: {run_dir}", flush=True)
     t0 = time.perf_counter()
-    summary = simulate(cfg, run_dir, on_round=lambda row: print(_round_line(row), flush=True), verbose=args.verbose)
+    summary = simulate(cfg, run_dir, on_round=lambda row: print(_round_line(row), flush=True), verbose=args.verbose,
+                       resume=bool(args.resume), force=args.force)
     print(f"\nheld-out loss {summary['initial_central_loss']:.4f} -> {summary['final_central_loss']:.4f}"
           f"  ({summary['adapter_parameters']:,} adapter parameters exchanged; base {summary['base_parameters']:,})")
     if "sample_prompt" in summary:
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("simulate", help="run a federation on this machine (Flower simulation engine)")
     scenario_args(sp)
     sp.add_argument("--run-dir", help="write outputs here instead of runs/<run-id>/")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
+    sp.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     sp.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     sp.set_defaults(fn=cmd_simulate)
 
@@ -115,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         from fedge.models import ModelLoadError
         from strategies import StrategyError
 
-        if isinstance(err, (DataError, ModelLoadError, StrategyError)):
+        from server.checkpoint import CheckpointError
+
+        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError)):
             print(f"fedge: {err}", file=sys.stderr)
             return 2
         raise

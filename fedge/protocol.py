@@ -48,11 +48,17 @@ M_TRAIN_SECONDS = "train-seconds"
 META_BASE_HASH = "base-hash"
 META_ENCODING = "encoding"
 
+# -- identity query (server -> every new node, once): reply ConfigRecord ``IDENTITY``
+IDENTITY = "identity"
+ID_CLIENT = "client-id"  # stable name of the client: device-id, else "partition-<id>"
+
 # -- node config (deployment: set per SuperNode; simulation: set by Flower) -----
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DEVICE_ID = "device-id"  # deployment: the operator's name for the device
 
 # -- run config (``flwr run --run-config``) --------------------------------------
 RUN_SCENARIO = "scenario"  # path or packaged name of the scenario YAML
 RUN_OVERRIDES = "overrides"  # ';'-separated ``a.b=value`` overrides
 RUN_DIR = "run-dir"  # where the ServerApp writes its outputs
+RUN_RESUME = "resume"  # continue the run in run-dir from its last checkpoint

@@ -29,6 +29,8 @@ def make_app(
     run_dir: str | Path | None = None,
     on_round: Callable[[dict], None] | None = None,
     result: dict | None = None,
+    resume: bool = False,
+    force: bool = False,
 ) -> ServerApp:
     """A ServerApp; arguments pin what ``fedge simulate`` decided, else the run config decides."""
     app = ServerApp()
@@ -42,7 +44,9 @@ def make_app(
             overrides = [s for s in str(rc.get(P.RUN_OVERRIDES, "")).split(";") if s.strip()]
             cfg = fcfg.load(str(rc.get(P.RUN_SCENARIO, "default")), overrides)
         where = run_dir or str(context.run_config.get(P.RUN_DIR, "") or "")
-        summary = run_federation(grid, cfg, Path(where) if where else new_run_dir(cfg), on_round=on_round)
+        resume_run = resume or bool(context.run_config.get(P.RUN_RESUME, False))
+        summary = run_federation(grid, cfg, Path(where) if where else new_run_dir(cfg), on_round=on_round,
+                                 resume=resume_run, force=force)
         if result is not None:
             result.update(summary)
 

@@ -34,6 +34,7 @@ from fedge import protocol as P
 from fedge.data import federated_split
 from fedge.data.tokenize import encode_dataset
 from fedge.train import evaluate, generate
+from server import checkpoint
 
 log = logging.getLogger("fedge.server")
 
@@ -102,8 +103,14 @@ def run_federation(
     run_dir: Path,
     *,
     on_round: Callable[[dict], None] | None = None,
+    resume: bool = False,
+    force: bool = False,
 ) -> dict:
-    """Run all rounds; write the run directory; return the summary."""
+    """Run all rounds; write the run directory; return the summary.
+
+    ``resume``: continue after the last complete round checkpointed in ``run_dir``
+    (refused if the checkpoint was made with another config, unless ``force``).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(fcfg.dump_yaml(cfg))
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # clients are idle while the server evaluates
@@ -113,10 +120,9 @@ def run_federation(
     strategy.summary()
     train_cfg = round_config(cfg, base_hash=ev.base.hash)
     adapter = ev.initial_adapter()
-    arrays = deltas.to_record(adapter)
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
     fed = cfg.federation
+    digest = cfg.digest()
 
     def emit(row: dict) -> None:
         with open(metrics_path, "a") as f:
@@ -124,11 +130,30 @@ def run_federation(
         if on_round:
             on_round(row)
 
-    central = initial = ev(adapter)
-    emit({"round": 0, "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
-          "seconds": time.perf_counter() - t_start})
-    history = []
-    for rnd in range(1, fed.num_rounds + 1):
+    if resume:
+        ck = checkpoint.load_latest(run_dir)
+        if ck.config_digest != digest and not force:
+            raise checkpoint.CheckpointError(
+                f"checkpoint round {ck.round} in {run_dir} was made with another config "
+                f"(digest {ck.config_digest[:12]} != {digest[:12]}); resume with the run's own "
+                "config.yaml, or force it")
+        adapter = ck.adapter
+        strategy.load_state_dict(ck.strategy_state)
+        rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if r["round"] <= ck.round]  # drop a half-finished round
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        initial, history, start = {"loss": rows[0]["central_loss"], "accuracy": rows[0].get("central_accuracy")}, rows[1:], ck.round + 1
+        central = {"loss": rows[-1]["central_loss"], "accuracy": rows[-1].get("central_accuracy")}
+        log.info("resuming %s after round %d", run_dir, ck.round)
+    else:
+        metrics_path.write_text("")
+        central = initial = ev(adapter)
+        emit({"round": 0, "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
+              "seconds": time.perf_counter() - t_start})
+        checkpoint.save(run_dir, round=0, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest)
+        history, start = [], 1
+    arrays = deltas.to_record(adapter)
+    for rnd in range(start, fed.num_rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid), timeout=fed.round_timeout_s)
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
@@ -154,6 +179,7 @@ def run_federation(
         }
         history.append(row)
         emit(row)
+        checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest)
 
     # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
     models.set_adapter_state(ev.model, adapter)

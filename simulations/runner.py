@@ -31,7 +31,7 @@ def backend_config(cfg: fcfg.RunConfig) -> dict:
     }
 
 
-def preflight(cfg: fcfg.RunConfig, run_dir: Path) -> None:
+def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force: bool = False) -> None:
     """Fail before any runtime starts: unwritable run dir, bad data or strategy settings."""
     from clients.runtime import data_args
     from fedge.data import federated_split
@@ -45,6 +45,14 @@ def preflight(cfg: fcfg.RunConfig, run_dir: Path) -> None:
     except OSError as err:
         raise fcfg.ConfigError(f"run directory {run_dir} is not writable: {err}") from None
     build_strategy(cfg, base_hash="")
+    if resume:
+        from server import checkpoint
+
+        ck = checkpoint.load_latest(run_dir)
+        if ck.config_digest != cfg.digest() and not force:
+            raise checkpoint.CheckpointError(
+                f"checkpoint round {ck.round} in {run_dir} was made with another config; "
+                "resume with the run's own config.yaml, or pass --force")
     fd = federated_split(**data_args(cfg))
     empty = [fd.client_names[i] for i, (tr, _) in enumerate(fd.clients) if len(tr) == 0]
     if empty:
@@ -52,15 +60,15 @@ def preflight(cfg: fcfg.RunConfig, run_dir: Path) -> None:
 
 
 def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], None] | None = None,
-             verbose: bool = False) -> dict:
+             verbose: bool = False, resume: bool = False, force: bool = False) -> dict:
     """Run the scenario; return the run summary (also written to ``run_dir``)."""
     from flwr.simulation import run_simulation
 
     import clients.app
     import server.app
 
-    preflight(cfg, run_dir)
-    config_file = run_dir / "config.yaml"
+    preflight(cfg, run_dir, resume=resume, force=force)
+    config_file = run_dir / "config.yaml"  # the clients read the scenario from here
     config_file.write_text(fcfg.dump_yaml(cfg))
     # Ray workers inherit this environment: pin client threads, stay offline-safe.
     os.environ["FEDGE_TORCH_THREADS"] = str(cfg.simulation.torch_threads)
@@ -72,7 +80,7 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     result: dict = {}
     run_simulation(
-        server_app=server.app.make_app(str(config_file), run_dir, on_round, result),
+        server_app=server.app.make_app(str(config_file), run_dir, on_round, result, resume=resume, force=force),
         client_app=clients.app.make_app(str(config_file.resolve())),
         num_supernodes=cfg.data.num_clients,
         backend_config=backend_config(cfg),

@@ -105,6 +105,7 @@ class DeltaStrategy(Strategy):
         self.wait_nodes_s = wait_nodes_s
         self.current: dict[str, np.ndarray] | None = None  # A_t, set by configure_train
         self.report = RoundReport()
+        self.identities: dict[int, str] = {}  # node id -> stable client name (see ``discover``)
 
     # -- the one method an algorithm overrides ----------------------------------
 
@@ -134,8 +135,27 @@ class DeltaStrategy(Strategy):
 
     # -- sampling -----------------------------------------------------------------
 
+    def discover(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes we have not seen for their stable client name (one query message each).
+
+        Node ids are random per run (and per SuperNode restart), so sampling and the
+        order of aggregation use these names: the same seed picks the same clients
+        and sums their deltas in the same order, across runs and after a resume.
+        """
+        unknown = [n for n in nodes if n not in self.identities]
+        if not unknown:
+            return
+        msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        for reply in grid.send_and_receive(msgs, timeout=60):
+            node = int(reply.metadata.src_node_id)
+            if not reply.has_error() and P.IDENTITY in reply.content:
+                self.identities[node] = str(reply.content[P.IDENTITY].get(P.ID_CLIENT, node))
+
+    def client_name(self, node: int) -> str:
+        return self.identities.get(node, f"node-{node}")
+
     def sample(self, grid: Grid, server_round: int, k: int, purpose: int) -> list[int]:
-        """k distinct node ids, reproducible for (seed, round, purpose)."""
+        """k distinct node ids, reproducible for (seed, round, purpose) given the client names."""
         deadline, last_log = time.monotonic() + self.wait_nodes_s, 0.0
         while len(nodes := sorted(grid.get_node_ids())) < k:
             now = time.monotonic()
@@ -146,6 +166,8 @@ class DeltaStrategy(Strategy):
                 log.warning("round %d: waiting for nodes: %d connected, %d needed", server_round, len(nodes), k)
                 last_log = now
             time.sleep(0.5)
+        self.discover(grid, nodes)
+        nodes.sort(key=self.client_name)
         rng = np.random.default_rng([self.seed, server_round, purpose])
         # Choose indices, not ids: node ids are uint64 and numpy would round them.
         return [nodes[int(i)] for i in rng.choice(len(nodes), size=k, replace=False)]
@@ -164,7 +186,8 @@ class DeltaStrategy(Strategy):
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         updates = []
-        for msg in replies:
+        # A fixed order (by client name) makes the floating-point sums reproducible.
+        for msg in sorted(replies, key=lambda m: self.client_name(int(m.metadata.src_node_id))):
             node = int(msg.metadata.src_node_id)
             try:
                 updates.append(self.decode_reply(msg))

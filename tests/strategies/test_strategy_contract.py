@@ -45,10 +45,18 @@ def assert_same(a: dict, b: dict, **tol) -> None:
 
 
 class FakeGrid:
-    """The only part of Flower's Grid that ``configure_train`` touches."""
+    """The parts of Flower's Grid that ``configure_train`` touches: node ids and the identity query."""
 
     def get_node_ids(self):
         return list(range(1, N + 1))
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, RecordDict
+
+        from fedge import protocol as P
+
+        return [Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: f"client-{m.metadata.dst_node_id:03d}"})}),
+                        reply_to=m) for m in messages]
 
 
 @pytest.fixture

@@ -175,12 +175,10 @@ def test_fedprox_sends_mu_to_clients(monkeypatch):
     for attr in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
-    class Grid:
-        def get_node_ids(self):
-            return [1, 2, 3]
+    from tests.strategies.test_strategy_contract import FakeGrid
 
     s = build("fedprox", clients_per_round=2, mu=0.05)
-    msgs = list(s.configure_train(4, deltas.to_record({"w": np.zeros(2, np.float32)}), ConfigRecord({"lr": 0.1}), Grid()))
+    msgs = list(s.configure_train(4, deltas.to_record({"w": np.zeros(2, np.float32)}), ConfigRecord({"lr": 0.1}), FakeGrid()))
     assert len(msgs) == 2
     for m in msgs:
         cfg = m.content["config"]
