@@ -10,7 +10,10 @@ The partition comes from the node config (``partition-id``).
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +22,8 @@ from flwr.clientapp import ClientApp
 from clients.runtime import get_runtime, scenario
 from fedge import deltas, models
 from fedge import protocol as P
+from fedge.privacy import dpsgd
+from fedge.privacy.mechanisms import clip_update
 from fedge.train import evaluate as evaluate_model
 from fedge.train import train_local
 
@@ -51,6 +56,58 @@ def _prepare(msg: Message, context: Context, config_path: str | None):
     return rt, conf, peft, global_state, pid
 
 
+DP_HISTORY = "dp-sgd-history"  # key in the node's Context state: the accountant's history
+STATE_DIR_ENV = "FEDGE_CLIENT_STATE"  # directory for state that must survive restarts
+
+
+def client_name(context: Context) -> str:
+    nc = context.node_config
+    return str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc[P.NODE_PARTITION_ID]):06d}"
+
+
+def _history_file(context: Context) -> Path | None:
+    root = context.node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV)
+    return Path(str(root)) / client_name(context) / "dp-sgd-history.json" if root else None
+
+
+def _load_history(context: Context):
+    """The accountant history: from disk if this node keeps state there (it survives restarts), else Context."""
+    f = _history_file(context)
+    if f is not None and f.exists():
+        return dpsgd.history_from_config(json.loads(f.read_text()))
+    return dpsgd.history_from_config(context.state.get(DP_HISTORY))
+
+
+def _save_history(context: Context, history) -> None:
+    record = dpsgd.history_to_config(history)
+    context.state[DP_HISTORY] = ConfigRecord(record)
+    f = _history_file(context)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, f)  # atomic: a crash never leaves a shorter history behind
+
+
+def _train_dp_sgd(peft, train_ex, rt, conf, context: Context) -> dict:
+    """DP-SGD for this round; the accountant history persists across rounds (and restarts)."""
+    history = _load_history(context)
+    steps, delta = int(conf[P.CFG_LOCAL_STEPS]), float(conf[P.CFG_DPSGD_DELTA])
+    q = min(1.0, int(conf[P.CFG_BATCH_SIZE]) / len(train_ex))  # expected batch = batch-size
+    accountant = str(conf[P.CFG_DPSGD_ACCOUNTANT])
+    target = float(conf[P.CFG_DPSGD_TARGET_EPS]) or None
+    z = float(conf[P.CFG_DPSGD_NOISE]) or dpsgd.calibrate_noise(
+        target_epsilon=target, delta=delta, sample_rate=q, steps_per_round=steps,
+        rounds=int(conf[P.CFG_NUM_ROUNDS]), accountant=accountant)
+    out, history = dpsgd.train_local_dp(
+        peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=steps, sample_rate=q, lr=float(conf[P.CFG_LR]),
+        noise_multiplier=z, max_grad_norm=float(conf[P.CFG_DPSGD_MAX_GRAD_NORM]), delta=delta, history=history,
+        max_epsilon=target, accountant=accountant, weight_decay=float(conf[P.CFG_WEIGHT_DECAY]),
+        max_physical_batch=int(conf.get(P.CFG_DPSGD_MAX_PHYSICAL_BATCH, 0)) or None)
+    _save_history(context, history)
+    return {P.M_DP_EPSILON: out["epsilon"], P.M_DP_NOISE: z, P.M_DP_SAMPLE_RATE: q, P.M_DP_STEPS: steps}
+
+
 def make_app(config_path: str | None = None) -> ClientApp:
     """A ClientApp; ``config_path`` pins the scenario (simulation), else the run config decides."""
     app = ClientApp()
@@ -62,20 +119,27 @@ def make_app(config_path: str | None = None) -> ClientApp:
         train_ex, _ = rt.examples(pid)
         rnd = int(conf[P.CFG_ROUND])
         seed = int(np.random.SeedSequence([int(conf[P.CFG_SEED]), rnd, pid]).generate_state(1)[0])
-        result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
-                             batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]),
-                             weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed,
-                             proximal_mu=float(conf.get(P.CFG_PROXIMAL_MU, 0.0)))
+        metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex)})
+        if P.CFG_DPSGD_DELTA in conf:
+            # Record-level DP-SGD; the train loss is not privatised, so it is not sent.
+            metrics.update(_train_dp_sgd(peft, train_ex, rt, conf, context))
+        else:
+            result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
+                                 batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]),
+                                 weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed,
+                                 proximal_mu=float(conf.get(P.CFG_PROXIMAL_MU, 0.0)))
+            metrics[P.M_TRAIN_LOSS] = result["loss"]
         delta = deltas.compute_delta(models.get_adapter_state(peft), global_state)
+        if P.CFG_DP_CLIP_NORM in conf:
+            # User-level DP: the delta is clipped here, before it leaves the device.
+            s = float(conf[P.CFG_DP_CLIP_NORM])
+            delta, norm = clip_update(delta, clip_norm=s)
+            metrics[P.M_DP_UNCLIPPED] = float(norm <= s)
         encoding = str(conf[P.CFG_ENCODING])
         wire = deltas.to_record(deltas.encode(delta, encoding))
-        metrics = MetricRecord({
-            P.M_NUM_EXAMPLES: len(train_ex),
-            P.M_TRAIN_LOSS: result["loss"],
-            P.M_BYTES_UP: deltas.record_bytes(wire),
-            P.M_BYTES_DOWN: deltas.record_bytes(msg.content[P.ARRAYS]),
-            P.M_TRAIN_SECONDS: time.perf_counter() - t0,
-        })
+        metrics[P.M_BYTES_UP] = deltas.record_bytes(wire)
+        metrics[P.M_BYTES_DOWN] = deltas.record_bytes(msg.content[P.ARRAYS])
+        metrics[P.M_TRAIN_SECONDS] = time.perf_counter() - t0
         meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: encoding})
         return Message(RecordDict({P.ARRAYS: wire, P.METRICS: metrics, P.META: meta}), reply_to=msg)
 
@@ -94,9 +158,7 @@ def make_app(config_path: str | None = None) -> ClientApp:
     @app.query()
     def identity(msg: Message, context: Context) -> Message:
         """The stable name the server samples and orders clients by (node ids change per run)."""
-        nc = context.node_config
-        name = str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc[P.NODE_PARTITION_ID]):06d}"
-        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: name})}), reply_to=msg)
+        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: client_name(context)})}), reply_to=msg)
 
     return app
 

@@ -33,7 +33,16 @@ def _round_line(row: dict) -> str:
             f"{' (' + str(row['rejected']) + ' rejected)' if row['rejected'] else ''} | "
             f"train loss {_fmt(row['train_loss'])} | held-out loss {row['central_loss']:.4f} |{acc} "
             f"local {_fmt(row['local_eval_loss'])} | up {_mib(row['bytes_up_per_client'])} MiB/client "
-            f"down {_mib(row['bytes_down_per_client'])} MiB/client | {row['seconds']:.1f} s")
+            f"down {_mib(row['bytes_down_per_client'])} MiB/client |{_eps(row)} {row['seconds']:.1f} s")
+
+
+def _eps(row: dict) -> str:
+    parts = []
+    if row.get("epsilon_user") is not None:
+        parts.append(f"ε user {row['epsilon_user']:.2f}")
+    if row.get("epsilon_record_max") is not None:
+        parts.append(f"ε record ≤ {row['epsilon_record_max']:.2f}")
+    return (" " + ", ".join(parts) + " |") if parts else ""
 
 
 def cmd_simulate(args) -> int:
@@ -57,12 +66,28 @@ def cmd_simulate(args) -> int:
                        resume=bool(args.resume), force=args.force)
     print(f"\nheld-out loss {summary['initial_central_loss']:.4f} -> {summary['final_central_loss']:.4f}"
           f"  ({summary['adapter_parameters']:,} adapter parameters exchanged; base {summary['base_parameters']:,})")
+    priv = summary.get("privacy", {})
+    if "differential_privacy" in priv:
+        print(f"privacy: {priv['differential_privacy']}")
+    else:
+        if "user_level" in priv:
+            print(f"privacy: user-level (ε = {priv['user_level']['epsilon']:.3f}, δ = {priv['user_level']['delta']:g})")
+        if "record_level" in priv:
+            eps = priv["record_level"]["epsilon"]
+            print(f"privacy: record-level DP-SGD, ε per client ≤ {max(eps.values()):.3f} "
+                  f"(δ = {priv['record_level']['delta']:g}, {len(eps)} clients)")
     if "sample_prompt" in summary:
         print(f"\nprompt:     {summary['sample_prompt']}")
         print(f"base:       {summary['base_answer']}")
         print(f"fine-tuned: {summary['finetuned_answer']}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/ (metrics.jsonl, adapter/, report.md)")
     return 0
+
+
+def cmd_privacy(argv: list[str]) -> int:
+    from fedge.privacy.accounting import main as privacy_main
+
+    return privacy_main(argv)
 
 
 def cmd_config(args) -> int:
@@ -106,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     scenario_args(sp)
     sp.set_defaults(fn=cmd_config)
 
+    sub.add_parser("privacy", help="plan privacy without training: ε for a plan, or the noise for a target ε "
+                   "(fedge privacy --help)")
+
     sp = sub.add_parser("strategies", help="list the registered aggregation strategies")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_strategies)
@@ -113,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "privacy":  # its own parser (fedge/privacy/accounting.py)
+        return cmd_privacy(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

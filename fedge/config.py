@@ -121,6 +121,37 @@ class StrategySection(_Section):
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for it.")
 
 
+class DPSGDSection(_Section):
+    """Record-level DP-SGD on every client (Opacus, Poisson sampling, per-example clipping)."""
+
+    enabled: bool = Field(False, description="Train locally with DP-SGD.")
+    noise_multiplier: float | None = Field(None, description="σ (noise std / clip norm); or give target_epsilon.")
+    target_epsilon: float | None = Field(None, description="ε over the whole planned run; σ is calibrated per client.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example gradient clip norm C.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the record-level guarantee (< 1/examples per client).")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    max_physical_batch: int | None = Field(None, ge=1, description="Split large Poisson batches (memory).")
+
+
+class UserLevelSection(_Section):
+    """User-level DP across the federation: clients clip Δ to S, the server adds N(0, (zS/m)²)."""
+
+    enabled: bool = Field(False, description="Clip client deltas and noise the aggregate.")
+    noise_multiplier: float | None = Field(None, description="z; or give target_epsilon.")
+    target_epsilon: float | None = Field(None, description="ε over the planned rounds; z is calibrated.")
+    clip_norm: float = Field(0.1, gt=0, description="Initial (or fixed) clip norm S of a client delta.")
+    adaptive: bool = Field(False, description="Adapt S toward a quantile of update norms (Andrew et al. 2021).")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target quantile γ.")
+    clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric learning rate η.")
+    count_noise_std: float | None = Field(None, gt=0, description="Adaptive clipping: σ_b (default m/20).")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the user-level guarantee (< 1/num_clients).")
+
+
+class PrivacySection(_Section):
+    dp_sgd: DPSGDSection = DPSGDSection()
+    user_level: UserLevelSection = UserLevelSection()
+
+
 class SimulationSection(_Section):
     client_cpus: float = Field(1.0, gt=0, description="CPUs reserved per virtual client (Ray).")
     torch_threads: int = Field(1, ge=1, description="torch threads per virtual client.")
@@ -138,6 +169,7 @@ class RunConfig(_Section):
     train: TrainSection = TrainSection()
     federation: FederationSection = FederationSection()
     strategy: StrategySection = StrategySection()
+    privacy: PrivacySection = PrivacySection()
     simulation: SimulationSection = SimulationSection()
     sample_prompt: str = Field(
         "My computer won't turn on.",
@@ -169,6 +201,20 @@ class RunConfig(_Section):
                 f"data.natural_ids has {len(data.natural_ids)} entries but data.num_clients "
                 f"is {data.num_clients}: they must match"
             )
+        for name, sec in (("privacy.dp_sgd", self.privacy.dp_sgd), ("privacy.user_level", self.privacy.user_level)):
+            if not sec.enabled:
+                continue
+            if (sec.noise_multiplier is None) == (sec.target_epsilon is None):
+                raise ValueError(f"{name}: give exactly one of noise_multiplier or target_epsilon")
+            if sec.noise_multiplier is not None and not sec.noise_multiplier > 0:
+                raise ValueError(f"{name}.noise_multiplier must be > 0 (0 gives no privacy; to train "
+                                 f"without DP set {name}.enabled: false)")
+            if sec.target_epsilon is not None and not sec.target_epsilon > 0:
+                raise ValueError(f"{name}.target_epsilon must be > 0")
+        ul = self.privacy.user_level
+        if ul.enabled and ul.delta >= 1.0 / data.num_clients:
+            raise ValueError(f"privacy.user_level.delta ({ul.delta:g}) must be < 1/data.num_clients "
+                             f"({1.0 / data.num_clients:g}): otherwise one client's data may be released")
         return self
 
     def digest(self) -> str:

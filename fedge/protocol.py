@@ -35,6 +35,17 @@ CFG_EVAL_BATCH_SIZE = "eval-batch-size"
 CFG_MAX_EVAL_EXAMPLES = "max-eval-examples"
 CFG_PROXIMAL_MU = "proximal-mu"  # FedProx μ: clients add (μ/2)‖w − A_t‖² to their loss
 
+CFG_NUM_ROUNDS = "num-rounds"  # planned rounds (DP-SGD calibration plans for all of them)
+# record-level DP-SGD (present only when enabled)
+CFG_DPSGD_NOISE = "dp-sgd-noise-multiplier"  # σ, or 0 when a target ε is given
+CFG_DPSGD_TARGET_EPS = "dp-sgd-target-epsilon"  # 0 when σ is given
+CFG_DPSGD_MAX_GRAD_NORM = "dp-sgd-max-grad-norm"
+CFG_DPSGD_DELTA = "dp-sgd-delta"
+CFG_DPSGD_ACCOUNTANT = "dp-sgd-accountant"
+CFG_DPSGD_MAX_PHYSICAL_BATCH = "dp-sgd-max-physical-batch"  # 0 = no split
+# user-level DP: clients clip their delta to this norm before sending
+CFG_DP_CLIP_NORM = "dp-clip-norm"
+
 # -- reply metrics (client -> server) ------------------------------------------
 M_NUM_EXAMPLES = "num-examples"  # examples the client holds for training (FedAvg weight)
 M_TRAIN_LOSS = "train-loss"  # mean per-example loss over the local steps
@@ -43,6 +54,11 @@ M_EVAL_ACC = "eval-accuracy"  # classification only
 M_BYTES_UP = "bytes-up"  # exact payload bytes of the encoded delta
 M_BYTES_DOWN = "bytes-down"  # exact payload bytes of the global adapter received
 M_TRAIN_SECONDS = "train-seconds"
+M_DP_UNCLIPPED = "dp-unclipped"  # 1.0 if ‖Δ‖ ≤ S before clipping (adaptive clipping's bit)
+M_DP_EPSILON = "dp-epsilon"  # client's record-level ε so far (its own accountant)
+M_DP_NOISE = "dp-noise-multiplier"  # σ used this round
+M_DP_SAMPLE_RATE = "dp-sample-rate"  # Poisson rate q used this round
+M_DP_STEPS = "dp-steps"  # DP-SGD steps this round
 
 # -- reply metadata (client -> server) -----------------------------------------
 META_BASE_HASH = "base-hash"

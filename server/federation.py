@@ -34,6 +34,7 @@ from fedge import protocol as P
 from fedge.data import federated_split
 from fedge.data.tokenize import encode_dataset
 from fedge.train import evaluate, generate
+from fedge.privacy.ledger import ClientDPSGD, PrivacyLedger
 from server import checkpoint
 
 log = logging.getLogger("fedge.server")
@@ -43,20 +44,40 @@ COMMON_STRATEGY_ARGS = ("clients_per_round", "evaluate_clients_per_round", "min_
 
 
 def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaStrategy:
+    """The configured strategy; wrapped for user-level DP when that is enabled."""
     clash = sorted(set(cfg.strategy.params) & set(COMMON_STRATEGY_ARGS))
     if clash:
         raise strategies.StrategyError(f"strategy.params: {clash} are set in the federation section, not here")
     fed = cfg.federation
-    return strategies.build(cfg.strategy.name, clients_per_round=fed.clients_per_round,
-                            evaluate_clients_per_round=fed.evaluate_clients_per_round, min_replies=fed.min_replies,
-                            encoding=fed.encoding, base_hash=base_hash, max_delta_norm=fed.max_delta_norm,
-                            seed=cfg.seed, **cfg.strategy.params)
+    inner = strategies.build(cfg.strategy.name, clients_per_round=fed.clients_per_round,
+                             evaluate_clients_per_round=fed.evaluate_clients_per_round, min_replies=fed.min_replies,
+                             encoding=fed.encoding, base_hash=base_hash, max_delta_norm=fed.max_delta_norm,
+                             seed=cfg.seed, **cfg.strategy.params)
+    ul = cfg.privacy.user_level
+    if not ul.enabled:
+        return inner
+    from fedge.privacy.accounting import user_level_noise_for_epsilon
+    from strategies.dp_user_level import UserLevelDP
+
+    z = ul.noise_multiplier or user_level_noise_for_epsilon(
+        target_epsilon=ul.target_epsilon, clients_per_round=fed.clients_per_round,
+        num_clients=cfg.data.num_clients, rounds=fed.num_rounds, delta=ul.delta, sampling=UserLevelDP.sampling)
+    try:
+        return UserLevelDP(inner, noise_multiplier=z, clip_norm=ul.clip_norm, adaptive=ul.adaptive,
+                           target_quantile=ul.target_quantile, clip_lr=ul.clip_lr, count_noise_std=ul.count_noise_std)
+    except ValueError as err:
+        raise strategies.StrategyError(f"privacy.user_level with strategy {cfg.strategy.name!r}: {err}") from None
 
 
 def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
     """Everything a client needs to train one round (the server is the authority)."""
-    t, lo = cfg.train, cfg.lora
-    return ConfigRecord({
+    t, lo, dp = cfg.train, cfg.lora, cfg.privacy.dp_sgd
+    extra = {}
+    if dp.enabled:
+        extra = {P.CFG_DPSGD_NOISE: dp.noise_multiplier or 0.0, P.CFG_DPSGD_TARGET_EPS: dp.target_epsilon or 0.0,
+                 P.CFG_DPSGD_MAX_GRAD_NORM: dp.max_grad_norm, P.CFG_DPSGD_DELTA: dp.delta,
+                 P.CFG_DPSGD_ACCOUNTANT: dp.accountant, P.CFG_DPSGD_MAX_PHYSICAL_BATCH: dp.max_physical_batch or 0}
+    return ConfigRecord({**extra, P.CFG_NUM_ROUNDS: cfg.federation.num_rounds,
         P.CFG_LOCAL_STEPS: t.local_steps, P.CFG_BATCH_SIZE: t.batch_size, P.CFG_LR: t.lr,
         P.CFG_WEIGHT_DECAY: t.weight_decay, P.CFG_ENCODING: cfg.federation.encoding, P.CFG_BASE_HASH: base_hash,
         P.CFG_SEED: cfg.seed, P.CFG_LORA_R: lo.r, P.CFG_LORA_ALPHA: lo.alpha, P.CFG_LORA_DROPOUT: lo.dropout,
@@ -95,6 +116,42 @@ class Evaluator:
                 return generate(self.model, self.base.tokenizer, prompt)
         models.set_adapter_state(self.model, adapter)
         return generate(self.model, self.base.tokenizer, prompt)
+
+
+def record_privacy(ledger: PrivacyLedger, strategy: strategies.DeltaStrategy, rnd: int) -> None:
+    """Charge this round: the server's release (if it noised one) and each client's DP-SGD steps."""
+    event = getattr(strategy, "last_event", None)
+    if event is not None:
+        ledger.record(event)
+    for name, m in sorted(strategy.report.client_metrics.items()):
+        if P.M_DP_NOISE in m:
+            ledger.record(ClientDPSGD(client=name, round=rnd, noise_multiplier=m[P.M_DP_NOISE],
+                                      sample_rate=m[P.M_DP_SAMPLE_RATE], steps=int(m[P.M_DP_STEPS])))
+
+
+def privacy_columns(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
+    """ε so far, from the ledger's accountants (None where that mechanism is off)."""
+    ul, dp = cfg.privacy.user_level, cfg.privacy.dp_sgd
+    out = {"epsilon_user": None, "epsilon_record_max": None}
+    if ul.enabled and ledger.releases():
+        out["epsilon_user"] = ledger.user_level_epsilon(delta=ul.delta)
+    if dp.enabled and ledger.clients():
+        out["epsilon_record_max"] = max(ledger.record_level_epsilon(c, delta=dp.delta, accountant=dp.accountant)
+                                        for c in ledger.clients())
+    return out
+
+
+def privacy_report(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
+    ul, dp = cfg.privacy.user_level, cfg.privacy.dp_sgd
+    if not (ul.enabled or dp.enabled):
+        return {"differential_privacy": "none: no DP mechanism was enabled; no ε is claimed"}
+    rep = ledger.report(user_delta=ul.delta if ul.enabled else None, record_delta=dp.delta if dp.enabled else None,
+                        accountant=dp.accountant)
+    rep["mechanisms"] = {"dp_sgd": dp.model_dump() if dp.enabled else None,
+                         "user_level": ul.model_dump() if ul.enabled else None}
+    rep["not_covered"] = ("num-examples, evaluation metrics and which replies were rejected are released "
+                          "outside the guarantee; train loss is withheld under DP-SGD")
+    return rep
 
 
 def run_federation(
@@ -139,6 +196,7 @@ def run_federation(
                 "config.yaml, or force it")
         adapter = ck.adapter
         strategy.load_state_dict(ck.strategy_state)
+        ledger = PrivacyLedger.from_json(ck.extra["ledger"]) if "ledger" in ck.extra else PrivacyLedger()
         rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
         rows = [r for r in rows if r["round"] <= ck.round]  # drop a half-finished round
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -147,10 +205,12 @@ def run_federation(
         log.info("resuming %s after round %d", run_dir, ck.round)
     else:
         metrics_path.write_text("")
+        ledger = PrivacyLedger()
         central = initial = ev(adapter)
         emit({"round": 0, "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
               "seconds": time.perf_counter() - t_start})
-        checkpoint.save(run_dir, round=0, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest)
+        checkpoint.save(run_dir, round=0, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest,
+                        extra={"ledger": ledger.to_json()})
         history, start = [], 1
     arrays = deltas.to_record(adapter)
     for rnd in range(start, fed.num_rounds + 1):
@@ -163,6 +223,7 @@ def run_federation(
         eval_msgs = strategy.configure_evaluate(rnd, arrays, train_cfg, grid)
         local = strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
         adapter = deltas.from_record(arrays)
+        record_privacy(ledger, strategy, rnd)
         central = ev(adapter)
         row = {
             "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
@@ -175,11 +236,13 @@ def run_federation(
             "bytes_up_per_client": rep.bytes_up / max(rep.accepted, 1),
             "bytes_down_per_client": rep.bytes_down / max(rep.sampled, 1),
             "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
+            **privacy_columns(ledger, cfg),
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
         emit(row)
-        checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest)
+        checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest,
+                        extra={"ledger": ledger.to_json()})
 
     # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
     models.set_adapter_state(ev.model, adapter)
@@ -192,7 +255,9 @@ def run_federation(
         "initial_central_loss": initial["loss"], "initial_central_accuracy": initial.get("accuracy"),
         "final_central_loss": central["loss"], "final_central_accuracy": central.get("accuracy"),
         "wall_seconds": time.perf_counter() - t_start,
+        "privacy": privacy_report(ledger, cfg),
     }
+    (run_dir / "privacy.json").write_text(json.dumps(summary["privacy"], indent=2))
     if cfg.model.task == "causal-lm":
         summary["sample_prompt"] = cfg.sample_prompt
         summary["base_answer"] = ev.answer(cfg.sample_prompt, None)

@@ -73,6 +73,8 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     # Ray workers inherit this environment: pin client threads, stay offline-safe.
     os.environ["FEDGE_TORCH_THREADS"] = str(cfg.simulation.torch_threads)
     os.environ["OMP_NUM_THREADS"] = str(cfg.simulation.torch_threads)
+    # Per-client state that must survive a restart (DP-SGD accountant histories).
+    os.environ["FEDGE_CLIENT_STATE"] = str((run_dir / "client-state").resolve())
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

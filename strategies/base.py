@@ -54,6 +54,7 @@ class RoundReport:
     bytes_down: int = 0
     train_loss: float | None = None
     delta_norms: list[float] = field(default_factory=list)
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # client name -> reply metrics
 
 
 class NotEnoughNodes(RuntimeError):
@@ -198,14 +199,16 @@ class DeltaStrategy(Strategy):
         rep.accepted = len(updates)
         rep.bytes_up = int(sum(u.metrics.get(P.M_BYTES_UP, 0) for u in updates))
         rep.delta_norms = [u.norm for u in updates]
+        rep.client_metrics = {self.client_name(u.node_id): u.metrics for u in updates}
         if rep.accepted < rep.sampled:
             # Fewer replies than planned: the round's statistics (and any DP guarantee
             # calibrated on clients_per_round) rest on fewer clients.
             log.warning("round %d: %d of %d sampled clients contributed", server_round, rep.accepted, rep.sampled)
         n_ex = np.array([u.num_examples for u in updates], np.float64)
         metrics = MetricRecord({"accepted": rep.accepted, "rejected": len(rep.rejected)})
-        if updates:
-            rep.train_loss = float(np.average([u.metrics.get(P.M_TRAIN_LOSS, np.nan) for u in updates], weights=n_ex))
+        losses = [(u.metrics[P.M_TRAIN_LOSS], n) for u, n in zip(updates, n_ex) if P.M_TRAIN_LOSS in u.metrics]
+        if losses:  # DP-SGD clients do not report their (unprivatised) train loss
+            rep.train_loss = float(np.average([x for x, _ in losses], weights=[n for _, n in losses]))
             metrics[P.M_TRAIN_LOSS] = rep.train_loss
         if rep.accepted < self.min_replies:
             log.warning("round %d: %d valid replies < min_replies %d: global adapter kept",

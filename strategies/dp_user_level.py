@@ -29,16 +29,17 @@ import logging
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedge import protocol as P
 from fedge.privacy import mechanisms as M
 from fedge.privacy.ledger import RoundReleased
 from strategies.base import ClientUpdate, DeltaStrategy
 
 log = logging.getLogger("fedge.strategy")
 
-# Wire keys (to move into fedge.protocol): the clip norm S sent to clients, which
-# clip before sending; and the client's bit "my delta was not clipped" (1.0/0.0).
-CFG_CLIP_NORM = "dp-clip-norm"
-M_UNCLIPPED = "dp-unclipped"
+# Wire keys: the clip norm S sent to clients, which clip before sending; and the
+# client's bit "my delta was not clipped" (1.0/0.0).
+CFG_CLIP_NORM = P.CFG_DP_CLIP_NORM
+M_UNCLIPPED = P.M_DP_UNCLIPPED
 M_NOISE_STD = "dp-noise-std"  # round metric: std of the noise added to the aggregate
 M_NEXT_CLIP_NORM = "dp-next-clip-norm"  # round metric: S for the next round (changes if adaptive)
 _STATE_CLIP = "dp/clip-norm"
