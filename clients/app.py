@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.runtime import get_runtime, scenario
-from fedge import deltas, models
+from fedge import deltas, lora_fed, models
 from fedge import protocol as P
 from fedge.privacy import dpsgd
 from fedge.privacy.mechanisms import clip_update
@@ -108,6 +108,19 @@ def _train_dp_sgd(peft, train_ex, rt, conf, context: Context) -> dict:
     return {P.M_DP_EPSILON: out["epsilon"], P.M_DP_NOISE: z, P.M_DP_SAMPLE_RATE: q, P.M_DP_STEPS: steps}
 
 
+def _train_round(peft, train_ex, rt, conf, context: Context, seed: int, metrics: MetricRecord) -> None:
+    """Local training for one round: DP-SGD when the server asks for it, else AdamW (+ FedProx term)."""
+    if P.CFG_DPSGD_DELTA in conf:
+        # Record-level DP-SGD; the train loss is not privatised, so it is not sent.
+        metrics.update(_train_dp_sgd(peft, train_ex, rt, conf, context))
+        return
+    result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
+                         batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]),
+                         weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed,
+                         proximal_mu=float(conf.get(P.CFG_PROXIMAL_MU, 0.0)))
+    metrics[P.M_TRAIN_LOSS] = result["loss"]
+
+
 def make_app(config_path: str | None = None) -> ClientApp:
     """A ClientApp; ``config_path`` pins the scenario (simulation), else the run config decides."""
     app = ClientApp()
@@ -120,16 +133,10 @@ def make_app(config_path: str | None = None) -> ClientApp:
         rnd = int(conf[P.CFG_ROUND])
         seed = int(np.random.SeedSequence([int(conf[P.CFG_SEED]), rnd, pid]).generate_state(1)[0])
         metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex)})
-        if P.CFG_DPSGD_DELTA in conf:
-            # Record-level DP-SGD; the train loss is not privatised, so it is not sent.
-            metrics.update(_train_dp_sgd(peft, train_ex, rt, conf, context))
-        else:
-            result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
-                                 batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]),
-                                 weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed,
-                                 proximal_mu=float(conf.get(P.CFG_PROXIMAL_MU, 0.0)))
-            metrics[P.M_TRAIN_LOSS] = result["loss"]
-        delta = deltas.compute_delta(models.get_adapter_state(peft), global_state)
+        with lora_fed.client_round(peft, conf, context) as hooks:  # LoRA-aware algorithms' client side
+            _train_round(peft, train_ex, rt, conf, context, seed, metrics)
+            delta, extra_records = hooks.finish(deltas.compute_delta(models.get_adapter_state(peft), global_state))
+        if P.CFG_DP_CLIP_NORM in conf:
         if P.CFG_DP_CLIP_NORM in conf:
             # User-level DP: the delta is clipped here, before it leaves the device.
             s = float(conf[P.CFG_DP_CLIP_NORM])
@@ -141,7 +148,7 @@ def make_app(config_path: str | None = None) -> ClientApp:
         metrics[P.M_BYTES_DOWN] = deltas.record_bytes(msg.content[P.ARRAYS])
         metrics[P.M_TRAIN_SECONDS] = time.perf_counter() - t0
         meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: encoding})
-        return Message(RecordDict({P.ARRAYS: wire, P.METRICS: metrics, P.META: meta}), reply_to=msg)
+        return Message(RecordDict({P.ARRAYS: wire, P.METRICS: metrics, P.META: meta, **extra_records}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -118,6 +118,10 @@ class DeltaStrategy(Strategy):
         """A_{t+1} from A_t and the aggregate. Default: A_t + aggregate."""
         return deltas.apply_delta(current, aggregate)
 
+    def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a client's delta must have (default: those of A_t)."""
+        return {k: v.shape for k, v in self.current.items()}
+
     def round_config(self, server_round: int) -> dict:
         """Extra keys this algorithm sends to clients in the train config (e.g. FedProx μ)."""
         return {}
@@ -239,7 +243,7 @@ class DeltaStrategy(Strategy):
         num = metrics.get(P.M_NUM_EXAMPLES)
         if not isinstance(num, (int, float)) or not np.isfinite(num) or num <= 0:
             raise deltas.InvalidUpdate(f"{P.M_NUM_EXAMPLES} must be a positive number, got {num!r}")
-        shapes = {k: v.shape for k, v in self.current.items()}
+        shapes = self.expected_shapes(msg)
         deltas.validate_wire(deltas.record_layout(wire), deltas.expected_wire_layout(shapes, self.encoding))
         delta = deltas.decode(deltas.from_record(wire), self.encoding)
         norm = deltas.validate_values(delta, max_norm=self.max_delta_norm)
