@@ -137,7 +137,6 @@ def make_app(config_path: str | None = None) -> ClientApp:
             _train_round(peft, train_ex, rt, conf, context, seed, metrics)
             delta, extra_records = hooks.finish(deltas.compute_delta(models.get_adapter_state(peft), global_state))
         if P.CFG_DP_CLIP_NORM in conf:
-        if P.CFG_DP_CLIP_NORM in conf:
             # User-level DP: the delta is clipped here, before it leaves the device.
             s = float(conf[P.CFG_DP_CLIP_NORM])
             delta, norm = clip_update(delta, clip_norm=s)
