@@ -51,7 +51,7 @@ class ManifestError(ValueError):
     """A manifest that is malformed or does not describe the directory it sits in."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrivacySpent:
     """Privacy spent by the whole training run, as reported by its accountant.
 
@@ -203,7 +203,8 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
         parts = rel.split("/")
         if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
             raise ManifestError(f"manifest lists an unsafe path {rel!r}")
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("size"), int)):
             raise ManifestError(f"manifest entry for {rel!r} needs sha256 and size")
     return manifest
 

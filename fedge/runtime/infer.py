@@ -1,0 +1,264 @@
+"""Local inference over an installed (verified) artifact.
+
+Backends:
+
+* ``torch`` (always available)
+    - adapter mode: the base is loaded with ``fedge.models.load_base(base id)``, its
+      content hash must equal the manifest's ``base_model.sha256``, then the PEFT
+      adapter is loaded and merged (W0 + (alpha/r)·BA) for speed;
+    - merged mode: ``model.safetensors`` (fp32) if present, else
+      ``model.int8.safetensors`` (dequantized), else a GGUF file through transformers
+      (dequantized to fp32: same numbers as the quantized file, fp32 speed).
+* ``llama.cpp`` (only when ``llama_cpp`` imports; causal LMs): a merged GGUF, or the
+  base GGUF + ``adapter.gguf`` as runtime LoRA (default model: the packaged SmolLM2
+  GGUF, checked against the manifest's ``base_model.gguf_sha256``).
+
+``auto`` picks llama.cpp when it is importable and usable, else torch.
+Every load re-checks the sha256 of every file against the installed manifest
+(the signature was verified at install time by ``fedge.runtime.store``).
+Decoding is greedy (deterministic).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedge.export.manifest import ManifestError, read_manifest, sha256_file
+from fedge.runtime.store import ArtifactRefused, current_dir
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "llama.cpp")
+TORCH_GGUF_ORDER = ("F32", "F16", "Q8_0", "Q4_0")  # torch dequantizes anyway: most precise first
+LLAMA_GGUF_ORDER = ("Q8_0", "Q4_0", "F16", "F32")  # llama.cpp runs quantized: best quality/speed first
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class LocalModel:
+    """An installed model ready for ``generate`` / ``chat`` (causal LM) or ``classify``."""
+
+    task: str
+    backend: str
+    version: int
+    manifest: dict[str, Any]
+    model: Any = None
+    tokenizer: Any = None
+    labels: list[str] | None = None
+    files: dict[str, str] = field(default_factory=dict)  # what was loaded, for reports
+
+    @property
+    def name(self) -> str:
+        base = str(self.manifest["base_model"]["id"]).rstrip("/").split("/")[-1]
+        return f"fedge-{base}-v{self.version}"
+
+    # -- causal LM ----------------------------------------------------------------------------
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 64) -> str:
+        """Greedy answer to one user turn."""
+        return self.chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens).text
+
+    def chat(self, messages: list[dict[str, str]], *, max_new_tokens: int = 64) -> ChatResult:
+        """Greedy answer to a chat (``[{"role", "content"}, ...]``)."""
+        if self.task != "causal-lm":
+            raise ValueError(f"chat needs a causal-lm model; this one is {self.task} (use classify)")
+        if self.backend == "llama.cpp":
+            out = self.model.create_chat_completion(messages=messages, max_tokens=max_new_tokens, temperature=0.0)
+            usage = out.get("usage", {})
+            return ChatResult(out["choices"][0]["message"]["content"].strip(), usage.get("prompt_tokens", 0),
+                              usage.get("completion_tokens", 0), out["choices"][0].get("finish_reason") or "stop")
+        return self._torch_chat(messages, max_new_tokens)
+
+    @torch.no_grad()
+    def _torch_chat(self, messages, max_new_tokens: int) -> ChatResult:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            text = "\n".join(m["content"] for m in messages) + "\n"
+            ids = tok(text, add_special_tokens=True)["input_ids"]
+        ids = torch.tensor([list(ids)])
+        end_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+                               if "<|im_end|>" in tok.get_vocab() else None) if i is not None}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(end_ids), 0)
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=sorted(end_ids) or None, pad_token_id=pad)
+        new = out[0, ids.shape[1]:].tolist()
+        stopped = bool(new) and new[-1] in end_ids
+        return ChatResult(tok.decode(new, skip_special_tokens=True).strip(), ids.shape[1], len(new),
+                          "stop" if stopped or len(new) < max_new_tokens else "length")
+
+    # -- classification -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def classify(self, text: str | list[str]) -> dict[str, Any] | list[dict[str, Any]]:
+        """Label (index and name) and class probabilities for one text or a list of texts."""
+        if self.task != "sequence-classification":
+            raise ValueError(f"classify needs a sequence-classification model; this one is {self.task}")
+        texts = [text] if isinstance(text, str) else list(text)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)
+        out = []
+        for row in probs:
+            label = int(row.argmax())
+            name = self.labels[label] if self.labels and label < len(self.labels) else str(label)
+            out.append({"label": label, "label_name": name, "probs": [round(float(p), 6) for p in row]})
+        return out[0] if isinstance(text, str) else out
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def check_hashes(artifact_dir: Path, manifest: dict[str, Any]) -> None:
+    """Refuse (ArtifactRefused "hash") an installed file changed since it was verified."""
+    for rel, entry in manifest["files"].items():
+        path = artifact_dir / rel
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise ArtifactRefused("hash", f"installed file {rel} changed since install (sha256 mismatch)")
+
+
+def load_installed(store_dir: str | Path, **kwargs) -> LocalModel:
+    """Load the store's current version (keyword arguments as :func:`load_artifact`)."""
+    return load_artifact(current_dir(store_dir), **kwargs)
+
+
+def load_artifact(
+    artifact_dir: str | Path,
+    *,
+    backend: str = "auto",
+    base_source: str | None = None,
+    base_gguf: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    n_ctx: int = 2048,
+) -> LocalModel:
+    """Load an installed artifact directory for inference.
+
+    ``base_source`` overrides the manifest's base id (adapter mode, e.g. a local copy);
+    ``base_gguf`` is the base GGUF for llama.cpp adapter mode (default model: packaged).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} unknown; allowed: {list(BACKENDS)}")
+    artifact_dir = Path(artifact_dir)
+    try:
+        manifest = read_manifest(artifact_dir)
+    except (ManifestError, FileNotFoundError) as err:
+        raise ArtifactRefused("manifest", str(err)) from None
+    check_hashes(artifact_dir, manifest)
+    if threads:
+        torch.set_num_threads(threads)
+    files = set(manifest["files"])
+    task = manifest["task"]
+    if backend == "auto":
+        backend = "llama.cpp" if (task == "causal-lm" and llama_cpp_available()
+                                  and _llama_cpp_plan(artifact_dir, manifest, base_gguf) is not None) else "torch"
+    common = dict(task=task, version=manifest["version"], manifest=manifest, labels=manifest.get("labels"))
+    if backend == "llama.cpp":
+        return _load_llama_cpp(artifact_dir, manifest, base_gguf, threads, n_ctx, common)
+    if manifest["mode"] == "adapter":
+        return _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common)
+    return _load_torch_merged(artifact_dir, files, task, common)
+
+
+def _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common) -> LocalModel:
+    from fedge.export.merge import load_peft_model, merge_lora
+    from fedge.models import load_base
+
+    task = manifest["task"]
+    num_labels = None
+    if task == "sequence-classification":
+        from fedge.export.artifact import _num_labels_from_adapter
+
+        num_labels = len(manifest["labels"]) if manifest.get("labels") else _num_labels_from_adapter(artifact_dir)
+    base = load_base(base_source or manifest["base_model"]["id"], task=task, num_labels=num_labels,
+                     cache_dir=cache_dir)
+    if base.hash != manifest["base_model"]["sha256"]:
+        raise ArtifactRefused("base-hash", f"local base {base.hash[:16]}… differs from the artifact's base "
+                                           f"{manifest['base_model']['sha256'][:16]}…")
+    model = merge_lora(load_peft_model(base.model, artifact_dir))
+    return LocalModel(backend="torch", model=model, tokenizer=base.tokenizer,
+                      files={"adapter": "adapter_model.safetensors", "base": base.source}, **common)
+
+
+def _load_torch_merged(artifact_dir: Path, files: set[str], task: str, common) -> LocalModel:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedge.export.gguf import load_gguf_causal_lm
+    from fedge.export.merge import load_int8_model
+
+    ggufs = [f"model.{t}.gguf" for t in TORCH_GGUF_ORDER if f"model.{t}.gguf" in files]
+    if "model.safetensors" in files:
+        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        model, used = auto.from_pretrained(artifact_dir, dtype=torch.float32).eval(), "model.safetensors"
+    elif "model.int8.safetensors" in files:
+        model, used = load_int8_model(artifact_dir, task=task), "model.int8.safetensors"
+    elif ggufs and task == "causal-lm":
+        model, used = load_gguf_causal_lm(artifact_dir / ggufs[0]), ggufs[0]
+    else:
+        raise ArtifactRefused("files", f"no model file the torch backend can load in {sorted(files)}")
+    if "tokenizer_config.json" in files:
+        tok = AutoTokenizer.from_pretrained(artifact_dir)
+    elif ggufs:
+        tok = AutoTokenizer.from_pretrained(artifact_dir, gguf_file=ggufs[0])
+    else:
+        raise ArtifactRefused("files", "merged artifact has no tokenizer files")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LocalModel(backend="torch", model=model, tokenizer=tok, files={"model": used}, **common)
+
+
+def _llama_cpp_plan(artifact_dir: Path, manifest, base_gguf) -> dict[str, Path] | None:
+    """Which files llama.cpp would load, or None when it cannot run this artifact."""
+    files = set(manifest["files"])
+    if manifest["mode"] == "merged":
+        for t in LLAMA_GGUF_ORDER:
+            if f"model.{t}.gguf" in files:
+                return {"model": artifact_dir / f"model.{t}.gguf"}
+        return None
+    if "adapter.gguf" not in files:
+        return None
+    if base_gguf is None and manifest["base_model"]["id"] == "smollm2-135m-instruct":
+        from fedge.export.artifact import packaged_reference_gguf
+
+        base_gguf = packaged_reference_gguf()
+    if base_gguf is None:
+        return None
+    return {"model": Path(base_gguf), "lora": artifact_dir / "adapter.gguf"}
+
+
+def _load_llama_cpp(artifact_dir, manifest, base_gguf, threads, n_ctx, common) -> LocalModel:
+    if not llama_cpp_available():
+        raise RuntimeError("backend 'llama.cpp' needs llama-cpp-python (pip install llama-cpp-python)")
+    if manifest["task"] != "causal-lm":
+        raise ValueError("the llama.cpp backend runs causal LMs only")
+    plan = _llama_cpp_plan(Path(artifact_dir), manifest, base_gguf)
+    if plan is None:
+        raise ValueError("no GGUF usable by llama.cpp (merged model.*.gguf, or adapter.gguf + base_gguf)")
+    if "lora" in plan:
+        want = manifest["base_model"].get("gguf_sha256")
+        if want is None:
+            log.warning("manifest records no base GGUF hash: cannot check %s is the trained base", plan["model"])
+        elif sha256_file(plan["model"]) != want:
+            raise ArtifactRefused("base-hash", f"{plan['model']} is not the base GGUF the adapter was trained on")
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(plan["model"]), lora_path=str(plan["lora"]) if "lora" in plan else None,
+                n_ctx=n_ctx, n_threads=threads or None, verbose=False, seed=0)
+    return LocalModel(backend="llama.cpp", model=llm, tokenizer=None,
+                      files={k: str(v) for k, v in plan.items()}, **common)
