@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,9 +66,15 @@ def client_name(context: Context) -> str:
     return str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc[P.NODE_PARTITION_ID]):06d}"
 
 
+def _state_dir(context: Context) -> Path | None:
+    """This client's persistent state directory (node config, or the simulation runner's env)."""
+    root = context.node_config.get(P.NODE_STATE_DIR) or os.environ.get(STATE_DIR_ENV)
+    return Path(str(root)) / client_name(context) if root else None
+
+
 def _history_file(context: Context) -> Path | None:
-    root = context.node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV)
-    return Path(str(root)) / client_name(context) / "dp-sgd-history.json" if root else None
+    d = _state_dir(context)
+    return d / "dp-sgd-history.json" if d else None
 
 
 def _load_history(context: Context):
@@ -160,6 +167,26 @@ def make_app(config_path: str | None = None) -> ClientApp:
         if "accuracy" in res:
             metrics[P.M_EVAL_ACC] = res["accuracy"]
         return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+    @app.query("deploy")
+    def deploy(msg: Message, context: Context) -> Message:
+        """Verify and install a signed artifact; reply with the installed version or why it was refused."""
+        from fedge.export import arrays_to_artifact
+        from fedge.runtime.store import ArtifactRefused, current, install
+
+        cfg = _scenario_for(context, config_path)
+        rt = get_runtime(cfg)
+        store = (_state_dir(context) or Path.home() / ".fedge" / client_name(context)) / "models"
+        key = context.node_config.get(P.NODE_TRUSTED_KEY) or cfg.signing_key().with_suffix(".pub")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                arrays_to_artifact(deltas.from_record(msg.content[P.ARTIFACT]), tmp)
+                result = {P.DEPLOY_VERSION: install(tmp, store_dir=store, trusted_public_key=str(key),
+                                                    local_base_hash=rt.base.hash)}
+            except (ArtifactRefused, ValueError, OSError) as err:  # the previous model stays installed
+                result = {P.DEPLOY_REFUSED: getattr(err, "reason", type(err).__name__), P.DEPLOY_MESSAGE: str(err),
+                          P.DEPLOY_VERSION: current(store) or 0}
+        return Message(RecordDict({P.DEPLOY_RESULT: ConfigRecord(result)}), reply_to=msg)
 
     @app.query()
     def identity(msg: Message, context: Context) -> Message:

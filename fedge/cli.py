@@ -76,6 +76,14 @@ def cmd_simulate(args) -> int:
             eps = priv["record_level"]["epsilon"]
             print(f"privacy: record-level DP-SGD, ε per client ≤ {max(eps.values()):.3f} "
                   f"(δ = {priv['record_level']['delta']:g}, {len(eps)} clients)")
+    dep = summary.get("deployment")
+    if dep:
+        line = f"artifact v{dep['version']} ({dep['mode']}) signed: {dep['artifact']}"
+        if "devices" in dep:
+            line += f"; installed on {dep['installed']} of {len(dep['devices'])} devices"
+            refused = {k: v for k, v in dep["devices"].items() if "refused" in v}
+            line += "".join(f"\n  {k}: refused ({v['refused']}): {v.get('message', '')}" for k, v in refused.items())
+        print(line)
     if "sample_prompt" in summary:
         print(f"\nprompt:     {summary['sample_prompt']}")
         print(f"base:       {summary['base_answer']}")

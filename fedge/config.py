@@ -152,6 +152,21 @@ class PrivacySection(_Section):
     user_level: UserLevelSection = UserLevelSection()
 
 
+class ExportSection(_Section):
+    """After the last round: build a signed artifact and redeploy it to every connected device."""
+
+    enabled: bool = Field(True, description="Build the signed artifact after training.")
+    mode: Literal["adapter", "merged"] = Field(
+        "adapter", description="'adapter': ship only the adapter (devices hold the base); "
+        "'merged': merge into the base and quantize (GGUF for Llama models, int8 otherwise).")
+    formats: tuple[str, ...] | None = Field(
+        None, description="merged mode: e.g. [Q8_0, Q4_0] (GGUF), int8, fp32 (default: Q8_0 / int8).")
+    private_key: str | None = Field(
+        None, description="Ed25519 signing key (fedge keys generate); default <run_root>/keys/fedge.key, "
+        "created on first use (a pilot convenience: production operators bring their own).")
+    deploy: bool = Field(True, description="Send the artifact to every connected device through Flower.")
+
+
 class SimulationSection(_Section):
     client_cpus: float = Field(1.0, gt=0, description="CPUs reserved per virtual client (Ray).")
     torch_threads: int = Field(1, ge=1, description="torch threads per virtual client.")
@@ -170,6 +185,7 @@ class RunConfig(_Section):
     federation: FederationSection = FederationSection()
     strategy: StrategySection = StrategySection()
     privacy: PrivacySection = PrivacySection()
+    export: ExportSection = ExportSection()
     simulation: SimulationSection = SimulationSection()
     sample_prompt: str = Field(
         "My computer won't turn on.",
@@ -216,6 +232,10 @@ class RunConfig(_Section):
             raise ValueError(f"privacy.user_level.delta ({ul.delta:g}) must be < 1/data.num_clients "
                              f"({1.0 / data.num_clients:g}): otherwise one client's data may be released")
         return self
+
+    def signing_key(self) -> Path:
+        """The server's Ed25519 private key file (its ``.pub`` is what devices pin)."""
+        return Path(self.export.private_key) if self.export.private_key else Path(self.run_root) / "keys" / "fedge.key"
 
     def digest(self) -> str:
         """sha256 of the canonical JSON form (identifies a config in checkpoints)."""

@@ -11,6 +11,14 @@ Train reply (client -> server):
     ``META``    ConfigRecord ``META_*`` keys (strings: base hash, encoding)
 
 Evaluate message: same ``ARRAYS`` + ``CONFIG``; reply: ``METRICS`` only.
+
+LoRA-aware algorithms (``fedge.lora_fed``, ``strategies/{scaffold,ffa_lora,lora_exact,hetlora}.py``)
+add records next to these, only when their strategy runs:
+
+    train message             ``SCAFFOLD_C``     ArrayRecord  server control variate c (fp32, adapter names)
+    train / evaluate message  ``LORA_RESIDUAL``  ArrayRecord  FedEx-LoRA residual R per adapted module (fp32)
+    train reply               ``SCAFFOLD_DC``    ArrayRecord  Δc_i = c_i⁺ − c_i (fp32, adapter names)
+                              ``LORA_META``      ConfigRecord ``META_LORA_RANK``: the rank this client trained at
 """
 
 ARRAYS = "arrays"
@@ -46,6 +54,13 @@ CFG_DPSGD_MAX_PHYSICAL_BATCH = "dp-sgd-max-physical-batch"  # 0 = no split
 # user-level DP: clients clip their delta to this norm before sending
 CFG_DP_CLIP_NORM = "dp-clip-norm"
 
+# LoRA-aware algorithms (present only when the strategy asks; see fedge.lora_fed)
+CFG_SCAFFOLD = "scaffold-session"  # SCAFFOLD: int id of the server's c; clients keep c_i per id
+CFG_FREEZE_A = "lora-freeze-a"  # FFA-LoRA: bool, keep lora_A frozen and send only the other tensors
+CFG_LORA_EXACT = "lora-exact"  # FedEx-LoRA: bool, add scale·R (record LORA_RESIDUAL) to the frozen weights
+CFG_HETLORA = "hetlora"  # HetLoRA: bool, train at this client's own rank (truncated global adapter)
+CFG_HETLORA_RANKS = "hetlora-ranks"  # list[int]: rank of partition p = ranks[p % len] (no node lora-rank)
+
 # -- reply metrics (client -> server) ------------------------------------------
 M_NUM_EXAMPLES = "num-examples"  # examples the client holds for training (FedAvg weight)
 M_TRAIN_LOSS = "train-loss"  # mean per-example loss over the local steps
@@ -64,14 +79,32 @@ M_DP_STEPS = "dp-steps"  # DP-SGD steps this round
 META_BASE_HASH = "base-hash"
 META_ENCODING = "encoding"
 
+# -- extra records of LoRA-aware algorithms (RecordDict keys next to ARRAYS/CONFIG/...)
+SCAFFOLD_C = "scaffold-c"  # server -> client: c, ArrayRecord, fp32
+SCAFFOLD_DC = "scaffold-dc"  # client -> server: Δc_i, ArrayRecord, fp32
+LORA_RESIDUAL = "lora-residual"  # server -> client: R per module, ArrayRecord, fp32, (out, in)
+LORA_META = "lora-meta"  # client -> server: ConfigRecord
+META_LORA_RANK = "lora-rank"  # int, rank of the client's lora_A / lora_B (HetLoRA)
+
 # -- identity query (server -> every new node, once): reply ConfigRecord ``IDENTITY``
 IDENTITY = "identity"
 ID_CLIENT = "client-id"  # stable name of the client: device-id, else "partition-<id>"
+
+# -- deploy (server -> every connected node after training), message type ``DEPLOY_TYPE``
+DEPLOY_TYPE = "query.deploy"
+ARTIFACT = "artifact"  # ArrayRecord: every artifact file as uint8, keyed by relative path
+DEPLOY_RESULT = "deploy"  # reply ConfigRecord
+DEPLOY_VERSION = "installed-version"  # int, the version now current on the device
+DEPLOY_REFUSED = "refused"  # short reason code (absent when installed)
+DEPLOY_MESSAGE = "message"
 
 # -- node config (deployment: set per SuperNode; simulation: set by Flower) -----
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DEVICE_ID = "device-id"  # deployment: the operator's name for the device
+NODE_STATE_DIR = "state-dir"  # persistent device state (model store, DP accountant history)
+NODE_TRUSTED_KEY = "trusted-key"  # the server's public key pinned at enrolment
+NODE_LORA_RANK = "lora-rank"  # HetLoRA: the largest LoRA rank this device trains (optional)
 
 # -- run config (``flwr run --run-config``) --------------------------------------
 RUN_SCENARIO = "scenario"  # path or packaged name of the scenario YAML

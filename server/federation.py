@@ -101,6 +101,7 @@ class Evaluator:
         self.examples = encode_dataset(self.base.tokenizer, holdout, task=self.task,
                                        max_length=cfg.model.max_length)[: cfg.data.max_eval_examples]
         self.batch_size = cfg.train.eval_batch_size
+        self.label_names = federated_split(**data_args(cfg)).label_names
 
     def initial_adapter(self) -> dict:
         return models.get_adapter_state(self.model)
@@ -258,6 +259,13 @@ def run_federation(
         "privacy": privacy_report(ledger, cfg),
     }
     (run_dir / "privacy.json").write_text(json.dumps(summary["privacy"], indent=2))
+    if cfg.export.enabled:
+        from server.deploy import export_and_deploy
+
+        summary["deployment"] = export_and_deploy(
+            grid, cfg, run_dir, privacy=summary["privacy"], client_name=strategy.client_name,
+            metrics={"central_loss": central["loss"], "central_accuracy": central.get("accuracy")},
+            labels=ev.label_names)
     if cfg.model.task == "causal-lm":
         summary["sample_prompt"] = cfg.sample_prompt
         summary["base_answer"] = ev.answer(cfg.sample_prompt, None)

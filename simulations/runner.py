@@ -67,6 +67,10 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     import clients.app
     import server.app
 
+    if cfg.export.enabled and not cfg.export.private_key:
+        # Ray workers may run elsewhere: pin the signing key (and so the devices' trusted key) absolutely.
+        key = str(cfg.signing_key().resolve())
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"private_key": key})})
     preflight(cfg, run_dir, resume=resume, force=force)
     config_file = run_dir / "config.yaml"  # the clients read the scenario from here
     config_file.write_text(fcfg.dump_yaml(cfg))

@@ -52,6 +52,13 @@ def test_two_rounds_on_the_simulation_engine(tmp_path, tiny_llama_dir):
     assert sum(v.size for v in loaded.values()) == summary["adapter_parameters"]
     assert any(np.any(v != 0) for k, v in loaded.items() if "lora_B" in k)
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "report.md").exists()
+    # The signed artifact was redeployed through Flower and installed on every device
+    dep = json.loads((tmp_path / "run" / "deployment.json").read_text())
+    assert dep["installed"] == 3 and sorted(dep["devices"]) == [f"partition-{i:06d}" for i in range(3)]
+    from fedge.runtime.store import current
+
+    for name in dep["devices"]:
+        assert current(tmp_path / "run" / "client-state" / name / "models") == dep["version"]
     # No Ray process outlives the call (actors get a few seconds to exit after shutdown)
     deadline = time.monotonic() + 30
     while (left := set(_ray_processes()) - before) and time.monotonic() < deadline:
