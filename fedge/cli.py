@@ -98,6 +98,74 @@ def cmd_privacy(argv: list[str]) -> int:
     return privacy_main(argv)
 
 
+def cmd_keys(args) -> int:
+    from fedge.export import generate_keypair
+
+    paths = generate_keypair(args.dir, name=args.name, overwrite=args.overwrite)
+    print(f"private key: {paths.private} (keep it on the server, mode 0600)")
+    print(f"public key:  {paths.public_pem} (pin it on every device)")
+    print(f"fingerprint: {paths.fingerprint}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from server.deploy import build
+
+    run = Path(args.run_dir)
+    overrides = list(args.set) + ([f"export.mode={args.mode}"] if args.mode else [])
+    if args.formats:
+        overrides.append(f"export.formats=[{args.formats}]")
+    cfg = fcfg.load(run / "config.yaml", overrides)
+    privacy = json.loads((run / "privacy.json").read_text()) if (run / "privacy.json").exists() else {}
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    metrics = {k: summary.get(k) for k in ("final_central_loss", "final_central_accuracy") if k in summary}
+    from clients.runtime import data_args
+    from fedge.data import federated_split
+
+    labels = federated_split(**data_args(cfg)).label_names
+    out = build(cfg, run, privacy=privacy, metrics=metrics, labels=labels)
+    print(f"signed artifact: {out}")
+    return 0
+
+
+def cmd_install(args) -> int:
+    from fedge.runtime.store import ArtifactRefused, install
+
+    try:
+        v = install(args.artifact, store_dir=args.store, trusted_public_key=args.trusted_key)
+    except ArtifactRefused as err:
+        print(f"fedge: {err} (the installed model is unchanged)", file=sys.stderr)
+        return 3
+    print(f"installed version {v} in {args.store}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from fedge.runtime.store import rollback
+
+    print(f"version {rollback(args.store)} is current again")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from fedge.runtime.infer import load_installed
+
+    model = load_installed(args.store, backend=args.backend)
+    if args.text is not None:
+        print(json.dumps(model.classify(args.text)))
+    else:
+        print(model.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from fedge.runtime.serve import serve
+
+    print(f"serving {args.store} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/classify)", flush=True)
+    serve(args.store, host=args.host, port=args.port, backend=args.backend)
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = fcfg.load(args.scenario, args.set)
     print(fcfg.dump_yaml(cfg), end="")
@@ -142,6 +210,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("privacy", help="plan privacy without training: ε for a plan, or the noise for a target ε "
                    "(fedge privacy --help)")
 
+    sp = sub.add_parser("keys", help="signing keys for artifacts")
+    sp.add_argument("action", choices=["generate"])
+    sp.add_argument("--dir", default="runs/keys", help="where to write the key pair (default: %(default)s)")
+    sp.add_argument("--name", default="fedge")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(fn=cmd_keys)
+
+    sp = sub.add_parser("export", help="build a signed artifact from a finished run")
+    sp.add_argument("run_dir")
+    sp.add_argument("--mode", choices=["adapter", "merged"])
+    sp.add_argument("--formats", help="merged mode, comma-separated: Q8_0,Q4_0,F16,int8,fp32")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.set_defaults(fn=cmd_export)
+
+    def store_arg(sp):
+        sp.add_argument("--store", required=True, help="the device's model store directory")
+
+    sp = sub.add_parser("install", help="verify and install an artifact on this device")
+    sp.add_argument("artifact")
+    store_arg(sp)
+    sp.add_argument("--trusted-key", required=True, help="the server's public key pinned at enrolment")
+    sp.set_defaults(fn=cmd_install)
+
+    sp = sub.add_parser("rollback", help="make the previously installed version current again")
+    store_arg(sp)
+    sp.set_defaults(fn=cmd_rollback)
+
+    for name, fn, hlp in (("infer", cmd_infer, "run the installed model locally"),
+                          ("serve", cmd_serve, "serve the installed model on a local HTTP port")):
+        sp = sub.add_parser(name, help=hlp)
+        store_arg(sp)
+        sp.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp"])
+        if name == "infer":
+            g = sp.add_mutually_exclusive_group(required=True)
+            g.add_argument("--prompt", help="causal LM: answer this prompt")
+            g.add_argument("--text", help="classifier: classify this text")
+            sp.add_argument("--max-new-tokens", type=int, default=64)
+        else:
+            sp.add_argument("--host", default="127.0.0.1")
+            sp.add_argument("--port", type=int, default=8000)
+        sp.set_defaults(fn=fn)
+
     sp = sub.add_parser("strategies", help="list the registered aggregation strategies")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_strategies)
@@ -150,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
     if argv and argv[0] == "privacy":  # its own parser (fedge/privacy/accounting.py)
         return cmd_privacy(argv[1:])
     args = build_parser().parse_args(argv)
@@ -163,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedge.models import ModelLoadError
         from strategies import StrategyError
 
+        from fedge.runtime.store import StoreError
         from server.checkpoint import CheckpointError
 
-        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError)):
+        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError, StoreError)):
             print(f"fedge: {err}", file=sys.stderr)
             return 2
         raise
