@@ -128,9 +128,26 @@ def _train_round(peft, train_ex, rt, conf, context: Context, seed: int, metrics:
     metrics[P.M_TRAIN_LOSS] = result["loss"]
 
 
-def make_app(config_path: str | None = None) -> ClientApp:
+class Expired(RuntimeError):
+    """The message outlived its round before this client got to it: the server has moved on."""
+
+
+def skip_expired(msg: Message, context: Context, call_next) -> Message:
+    """Client mod: refuse work on a message whose round is already over (its TTL has passed).
+
+    Flower's simulation engine queues every message and runs it even after the server
+    stopped waiting; without this, one hanging client delays every later round.
+    """
+    md = msg.metadata
+    if md.ttl and md.created_at and md.created_at + md.ttl < time.time():
+        raise Expired(f"message of round {msg.content[P.CONFIG].get(P.CFG_ROUND) if P.CONFIG in msg.content else '?'} "
+                      f"expired {time.time() - md.created_at - md.ttl:.0f} s before this client started it")
+    return call_next(msg, context)
+
+
+def make_app(config_path: str | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp; ``config_path`` pins the scenario (simulation), else the run config decides."""
-    app = ClientApp()
+    app = ClientApp(mods=[skip_expired, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -170,6 +170,10 @@ class ExportSection(_Section):
 class SimulationSection(_Section):
     client_cpus: float = Field(1.0, gt=0, description="CPUs reserved per virtual client (Ray).")
     torch_threads: int = Field(1, ge=1, description="torch threads per virtual client.")
+    fault_rate: float = Field(0.0, ge=0, le=1, description="Fraction of train replies made to fail (testing).")
+    fault_kinds: tuple[Literal["exception", "timeout", "garbage"], ...] = Field(
+        ("exception", "timeout", "garbage"), min_length=1, description="How injected failures fail.")
+    fault_hang_s: float = Field(30.0, gt=0, description="How long a 'timeout' fault hangs.")
 
 
 class RunConfig(_Section):

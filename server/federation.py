@@ -119,6 +119,13 @@ class Evaluator:
         return generate(self.model, self.base.tokenizer, prompt)
 
 
+def _rss_mb() -> float:
+    """Resident memory of this (server) process, MiB: watched for growth across rounds."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def record_privacy(ledger: PrivacyLedger, strategy: strategies.DeltaStrategy, rnd: int) -> None:
     """Charge this round: the server's release (if it noised one) and each client's DP-SGD steps."""
     event = getattr(strategy, "last_event", None)
@@ -175,6 +182,7 @@ def run_federation(
     t_start = time.perf_counter()
     ev = Evaluator(cfg)
     strategy = build_strategy(cfg, base_hash=ev.base.hash)
+    strategy.message_ttl = cfg.federation.round_timeout_s
     strategy.summary()
     train_cfg = round_config(cfg, base_hash=ev.base.hash)
     adapter = ev.initial_adapter()
@@ -238,6 +246,8 @@ def run_federation(
             "bytes_down_per_client": rep.bytes_down / max(rep.sampled, 1),
             "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
             **privacy_columns(ledger, cfg),
+            "failed": rep.sampled - rep.accepted,
+            "server_rss_mb": _rss_mb(),
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)

@@ -107,6 +107,9 @@ class DeltaStrategy(Strategy):
         self.current: dict[str, np.ndarray] | None = None  # A_t, set by configure_train
         self.report = RoundReport()
         self.identities: dict[int, str] = {}  # node id -> stable client name (see ``discover``)
+        # Lifetime of train/evaluate messages (the server sets it to the round timeout): a client
+        # that only gets to a message after it expired skips the work instead of delaying later rounds.
+        self.message_ttl: float | None = None
 
     # -- the one method an algorithm overrides ----------------------------------
 
@@ -185,7 +188,8 @@ class DeltaStrategy(Strategy):
         cfg = ConfigRecord({**dict(config), **self.round_config(server_round), P.CFG_ROUND: server_round})
         self.report = RoundReport(sampled=len(nodes), bytes_down=deltas.record_bytes(arrays) * len(nodes))
         content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n, ttl=self.message_ttl)
+                for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.current is None:
@@ -257,7 +261,8 @@ class DeltaStrategy(Strategy):
         nodes = self.sample(grid, server_round, self.evaluate_clients_per_round, purpose=1)
         cfg = ConfigRecord({**dict(config), P.CFG_ROUND: server_round})
         content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
-        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n, ttl=self.message_ttl)
+                for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
