@@ -59,6 +59,15 @@ def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force
         raise fcfg.ConfigError(f"data: clients {empty} have no training records")
 
 
+def _mods(cfg: fcfg.RunConfig) -> list:
+    sim = cfg.simulation
+    if sim.fault_rate <= 0:
+        return []
+    from simulations.faults import make_fault_mod
+
+    return [make_fault_mod(rate=sim.fault_rate, kinds=tuple(sim.fault_kinds), seed=cfg.seed, hang_s=sim.fault_hang_s)]
+
+
 def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], None] | None = None,
              verbose: bool = False, resume: bool = False, force: bool = False) -> dict:
     """Run the scenario; return the run summary (also written to ``run_dir``)."""
@@ -87,7 +96,7 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     result: dict = {}
     run_simulation(
         server_app=server.app.make_app(str(config_file), run_dir, on_round, result, resume=resume, force=force),
-        client_app=clients.app.make_app(str(config_file.resolve())),
+        client_app=clients.app.make_app(str(config_file.resolve()), mods=_mods(cfg)),
         num_supernodes=cfg.data.num_clients,
         backend_config=backend_config(cfg),
         verbose_logging=verbose,
