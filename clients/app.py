@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.runtime import get_runtime, scenario
@@ -49,9 +49,10 @@ def _prepare(msg: Message, context: Context, config_path: str | None):
     if server_hash != rt.base.hash:
         raise BaseMismatch(f"base model hash {rt.base.hash[:12]} differs from the server's {server_hash[:12]}: "
                            "refusing to train on a different base model")
-    peft = rt.peft_model(r=int(conf[P.CFG_LORA_R]), alpha=float(conf[P.CFG_LORA_ALPHA]),
-                         dropout=float(conf[P.CFG_LORA_DROPOUT]), targets=tuple(conf[P.CFG_LORA_TARGETS]))
-    global_state = deltas.from_record(msg.content[P.ARRAYS])
+    r, alpha = lora_fed.client_lora(conf, context)  # HetLoRA: this client's rank; else lora-r, lora-alpha
+    peft = rt.peft_model(r=r, alpha=alpha, dropout=float(conf[P.CFG_LORA_DROPOUT]),
+                         targets=tuple(conf[P.CFG_LORA_TARGETS]))
+    global_state = lora_fed.client_view(deltas.from_record(msg.content[P.ARRAYS]), r)  # HetLoRA: truncated
     models.set_adapter_state(peft, global_state)
     pid = int(context.node_config[P.NODE_PARTITION_ID])
     return rt, conf, peft, global_state, pid
@@ -157,7 +158,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
         rnd = int(conf[P.CFG_ROUND])
         seed = int(np.random.SeedSequence([int(conf[P.CFG_SEED]), rnd, pid]).generate_state(1)[0])
         metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex)})
-        with lora_fed.client_round(peft, conf, context) as hooks:  # LoRA-aware algorithms' client side
+        with lora_fed.client_round(peft, conf, context, msg.content) as hooks:  # LoRA-aware algorithms' client side
             _train_round(peft, train_ex, rt, conf, context, seed, metrics)
             delta, extra_records = hooks.finish(deltas.compute_delta(models.get_adapter_state(peft), global_state))
         if P.CFG_DP_CLIP_NORM in conf:
@@ -167,8 +168,9 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
             metrics[P.M_DP_UNCLIPPED] = float(norm <= s)
         encoding = str(conf[P.CFG_ENCODING])
         wire = deltas.to_record(deltas.encode(delta, encoding))
-        metrics[P.M_BYTES_UP] = deltas.record_bytes(wire)
-        metrics[P.M_BYTES_DOWN] = deltas.record_bytes(msg.content[P.ARRAYS])
+        metrics[P.M_BYTES_UP] = deltas.record_bytes(wire) + sum(
+            deltas.record_bytes(r) for r in extra_records.values() if isinstance(r, ArrayRecord))
+        metrics[P.M_BYTES_DOWN] = sum(deltas.record_bytes(r) for r in msg.content.array_records.values())
         metrics[P.M_TRAIN_SECONDS] = time.perf_counter() - t0
         meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: encoding})
         return Message(RecordDict({P.ARRAYS: wire, P.METRICS: metrics, P.META: meta, **extra_records}), reply_to=msg)
@@ -177,9 +179,10 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
     def evaluate(msg: Message, context: Context) -> Message:
         rt, conf, peft, _, pid = _prepare(msg, context, config_path)
         _, held = rt.examples(pid)
-        res = evaluate_model(peft, held, task=rt.task, pad_id=rt.pad_id,
-                             batch_size=int(conf[P.CFG_EVAL_BATCH_SIZE]),
-                             max_examples=int(conf[P.CFG_MAX_EVAL_EXAMPLES]))
+        with lora_fed.residual_applied(peft, lora_fed.message_residual(msg.content)):  # FedEx-LoRA's R
+            res = evaluate_model(peft, held, task=rt.task, pad_id=rt.pad_id,
+                                 batch_size=int(conf[P.CFG_EVAL_BATCH_SIZE]),
+                                 max_examples=int(conf[P.CFG_MAX_EVAL_EXAMPLES]))
         metrics = MetricRecord({P.M_NUM_EXAMPLES: res["n"], P.M_EVAL_LOSS: res["loss"]})
         if "accuracy" in res:
             metrics[P.M_EVAL_ACC] = res["accuracy"]

@@ -231,6 +231,10 @@ class RunConfig(_Section):
                                  f"without DP set {name}.enabled: false)")
             if sec.target_epsilon is not None and not sec.target_epsilon > 0:
                 raise ValueError(f"{name}.target_epsilon must be > 0")
+        if self.strategy.name == "fedex-lora" and self.export.enabled:
+            raise ValueError("strategy fedex-lora serves W0 + s·(B A + R): its residual R is not part of a "
+                             "LoRA adapter artifact yet; set export.enabled: false (the run keeps "
+                             "adapter/lora_residual.safetensors)")
         ul = self.privacy.user_level
         if ul.enabled and ul.delta >= 1.0 / data.num_clients:
             raise ValueError(f"privacy.user_level.delta ({ul.delta:g}) must be < 1/data.num_clients "

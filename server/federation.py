@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 import strategies
 from clients.runtime import data_args, num_labels
 from fedge import config as fcfg
-from fedge import deltas, models
+from fedge import deltas, lora_fed, models
 from fedge import protocol as P
 from fedge.data import federated_split
 from fedge.data.tokenize import encode_dataset
@@ -56,6 +56,9 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
     ul = cfg.privacy.user_level
     if not ul.enabled:
         return inner
+    if cfg.strategy.name in ("scaffold", "fedex-lora", "hetlora"):
+        raise strategies.StrategyError(f"privacy.user_level cannot wrap strategy {cfg.strategy.name!r}: "
+                                       "its extra records / rank-dependent shapes bypass the clipped, noised mean")
     from fedge.privacy.accounting import user_level_noise_for_epsilon
     from strategies.dp_user_level import UserLevelDP
 
@@ -106,17 +109,20 @@ class Evaluator:
     def initial_adapter(self) -> dict:
         return models.get_adapter_state(self.model)
 
-    def __call__(self, adapter: dict) -> dict[str, float]:
+    def __call__(self, adapter: dict, residual: dict | None = None) -> dict[str, float]:
+        """Held-out loss of W0 + s·B A (+ s·R, FedEx-LoRA's residual, when given)."""
         models.set_adapter_state(self.model, adapter)
-        return evaluate(self.model, self.examples, task=self.task, pad_id=int(self.base.tokenizer.pad_token_id),
-                        batch_size=self.batch_size)
+        with lora_fed.residual_applied(self.model, residual):
+            return evaluate(self.model, self.examples, task=self.task, pad_id=int(self.base.tokenizer.pad_token_id),
+                            batch_size=self.batch_size)
 
-    def answer(self, prompt: str, adapter: dict | None) -> str:
+    def answer(self, prompt: str, adapter: dict | None, residual: dict | None = None) -> str:
         if adapter is None:
             with self.model.disable_adapter():
                 return generate(self.model, self.base.tokenizer, prompt)
         models.set_adapter_state(self.model, adapter)
-        return generate(self.model, self.base.tokenizer, prompt)
+        with lora_fed.residual_applied(self.model, residual):
+            return generate(self.model, self.base.tokenizer, prompt)
 
 
 def _rss_mb() -> float:
@@ -233,7 +239,7 @@ def run_federation(
         local = strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
         adapter = deltas.from_record(arrays)
         record_privacy(ledger, strategy, rnd)
-        central = ev(adapter)
+        central = ev(adapter, residual=getattr(strategy, "residual", None))
         row = {
             "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
             "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
@@ -258,6 +264,12 @@ def run_federation(
     # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
     models.set_adapter_state(ev.model, adapter)
     ev.model.save_pretrained(run_dir / "adapter")
+    residual = getattr(strategy, "residual", None)
+    if residual:  # FedEx-LoRA: the served model is W0 + s·(R + B A); R ships next to the adapter
+        from safetensors.numpy import save_file
+
+        save_file({k: v.astype("float32") for k, v in residual.items()},
+                  str(run_dir / "adapter" / "lora_residual.safetensors"))
     summary = {
         "run_dir": str(run_dir), "scenario": cfg.name, "strategy": cfg.strategy.name,
         "rounds": fed.num_rounds, "base_model": cfg.model.source, "base_hash": ev.base.hash,
@@ -279,7 +291,7 @@ def run_federation(
     if cfg.model.task == "causal-lm":
         summary["sample_prompt"] = cfg.sample_prompt
         summary["base_answer"] = ev.answer(cfg.sample_prompt, None)
-        summary["finetuned_answer"] = ev.answer(cfg.sample_prompt, adapter)
+        summary["finetuned_answer"] = ev.answer(cfg.sample_prompt, adapter, residual)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_report(run_dir, summary, history)
     return summary

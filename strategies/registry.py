@@ -34,6 +34,7 @@ def _load_builtin() -> None:
     from strategies import (  # noqa: F401
         bulyan, fedadagrad, fedadam, fedavgm, fedprox, fedyogi, krum, median, norm_bounding, trimmed_mean,
     )
+    from strategies import ffa_lora, hetlora, lora_exact, scaffold  # noqa: F401  (LoRA-aware)
 
 
 def available() -> dict[str, type]:

@@ -78,7 +78,7 @@ def reply(msg: Message, wire: dict, *, num_examples: float = 10.0, encoding: str
 def faulty_reply(fault: str, msg: Message, delta: dict) -> Message:
     wire = deltas.encode(delta, "fp32")
     if fault == "nan":
-        wire["lora_A"][0, 1] = np.nan
+        wire["lora_A" if "lora_A" in wire else "lora_B"].flat[1] = np.nan
     elif fault == "wrong-shape":
         wire["lora_B"] = wire["lora_B"].T.copy()
     elif fault == "missing-tensor":
@@ -114,9 +114,21 @@ class StrategyContract:
     params: dict = {}
     adaptive = False  # server optimiser: identical deltas give a finite step along Δ, not Δ itself
     stateful = False  # keeps state across rounds (momentum, moments)
+    # Where an algorithm legitimately differs from "a rule over whole deltas":
+    frozen: tuple[str, ...] = ()  # tensors it never moves and replies do not carry (FFA-LoRA: lora_A)
+    state_moves_adapter = True  # False: its state is served beside the adapter (FedEx-LoRA's residual R)
 
     def make(self, **kw):
         return build(self.name, clients_per_round=N, **{**self.params, **kw})
+
+    def reply_records(self) -> dict:
+        """Extra records every valid train reply carries for this algorithm (SCAFFOLD: Δc_i)."""
+        return {}
+
+    @property
+    def probe(self) -> str:
+        """A tensor the rule moves, to tell two outcomes apart."""
+        return "lora_A" if "lora_A" not in self.frozen else "lora_B"
 
     def test_describes_itself(self):
         s = self.make()
@@ -133,7 +145,7 @@ class StrategyContract:
         got = step(self.make(), [d] * N, w, global_adapter())
         # Assert
         if not self.adaptive:
-            assert_same(got, d, rtol=1e-9, atol=1e-12)
+            assert_same(got, {k: 0 * v if k in self.frozen else v for k, v in d.items()}, rtol=1e-9, atol=1e-12)
             return
         flat_got = np.concatenate([got[k].ravel() for k in SHAPES])
         flat_d = np.concatenate([d[k].ravel() for k in SHAPES])
@@ -160,7 +172,7 @@ class StrategyContract:
             wild = [{k: 1e3 * rng.standard_normal(s) for k, s in SHAPES.items()}] + ds[1:]
             assert_same(step(self.make(), ds, w, global_adapter()), step(self.make(), wild, w, global_adapter()))
             other = step(self.make(), ds, rng.dirichlet(np.ones(N)), global_adapter())
-            assert not np.allclose(other["lora_A"], step(self.make(), ds, w, global_adapter())["lora_A"])
+            assert not np.allclose(other[self.probe], step(self.make(), ds, w, global_adapter())[self.probe])
         else:
             # unweighted rules ignore the weights entirely
             assert_same(step(self.make(), ds, w, global_adapter()),
@@ -183,9 +195,9 @@ class StrategyContract:
         assert (len(saved) > 0) == self.stateful
         assert_same(b.state_dict(), saved, rtol=0, atol=0)
         assert_same(step(b, rounds[2], w, current), step(a, rounds[2], w, current), rtol=0, atol=0)
-        if self.stateful:  # the state matters: a fresh instance steps differently
-            assert not np.allclose(step(self.make(), rounds[2], w, current)["lora_A"],
-                                   step(b, rounds[2], w, current)["lora_A"])
+        if self.stateful and self.state_moves_adapter:  # the state matters: a fresh instance steps differently
+            assert not np.allclose(step(self.make(), rounds[2], w, current)[self.probe],
+                                   step(b, rounds[2], w, current)[self.probe])
         with pytest.raises(ValueError):
             self.make().load_state_dict({"bogus/lora_A": np.zeros(3)})
 
@@ -195,10 +207,13 @@ class StrategyContract:
         s = self.make(max_delta_norm=10.0)
         arrays = deltas.to_record(global_adapter(np.float32))
         msgs = list(s.configure_train(1, arrays, ConfigRecord({}), FakeGrid()))
-        ds = random_deltas(np.random.default_rng(4), N)
+        ds = [{k: v for k, v in d.items() if k not in self.frozen} for d in random_deltas(np.random.default_rng(4), N)]
         bad = 3
         replies = [faulty_reply(fault, m, d) if i == bad else reply(m, deltas.encode(d, "fp32"), num_examples=10.0 + i)
                    for i, (m, d) in enumerate(zip(msgs, ds))]
+        for r in replies:
+            if not r.has_error():
+                r.content.update(self.reply_records())
         # Execute
         out, metrics = s.aggregate_train(1, replies)
         # Assert: rejected with its reason; the result is the aggregate of the other N − 1
@@ -278,3 +293,31 @@ def test_every_registered_strategy_has_a_contract_test_and_a_paper():
     covered = {c.name for c in StrategyContract.__subclasses__() if c.name}
     assert set(available()) <= covered
     assert all("arXiv:" in cls.paper for cls in available().values())
+
+
+# -- LoRA-aware strategies (tests/strategies/test_strategy_lora.py checks their LoRA behaviour) --
+
+
+class TestScaffold(StrategyContract):
+    # c changes only through the Δc_i records that aggregate_train reads, never through
+    # aggregate/server_update: stateful stays False here; c's round trip is in test_strategy_lora.
+    name, params = "scaffold", {"num_clients": 2 * N}
+
+    def reply_records(self) -> dict:
+        return {P.SCAFFOLD_DC: deltas.to_record({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})}
+
+
+class TestFFALoRA(StrategyContract):
+    # lora_A stays at its initialisation and is not sent: identical deltas move only the rest.
+    name, frozen = "ffa-lora", ("lora_A",)
+
+
+class TestFedExLoRA(StrategyContract):
+    # SHAPES' lora_A (2, 3) / lora_B (3, 2) pair into one residual R (3, 3), the state; R is
+    # served beside the adapter, so it does not change A_{t+1} (hence state_moves_adapter).
+    name, stateful, state_moves_adapter = "fedex-lora", True, False
+
+
+class TestHetLoRA(StrategyContract):
+    # Every reply here has the full rank r_max = 2 (no rank declared): the rule must reduce to FedAvg.
+    name = "hetlora"

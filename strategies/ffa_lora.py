@@ -1,0 +1,57 @@
+"""FFA-LoRA: freeze A at its shared initialisation, train and average only B.
+
+Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024,
+https://arxiv.org/abs/2403.12313
+
+Per adapted module, with A_0: (r, in) the random initialisation every client
+shares (the global adapter A_0), B: (out, r), scale s = alpha / r:
+
+    client i:  W_i = W0 + s · B_i A_0          (lora_A frozen; B_i trained from B_t)
+    server:    B_{t+1} = B_t + Σ_i w_i ΔB_i,   A stays A_0
+
+Averaging is exact here: Σ_i w_i (W0 + s B_i A_0) = W0 + s (Σ_i w_i B_i) A_0,
+whereas averaging A and B separately is not (mean of products ≠ product of means).
+Only B (and heads) travel up: Σ out·r instead of Σ (in + out)·r values per module,
+half the bytes for square projections. Under DP-SGD the noise enters B only, not
+a product of two noised factors (the paper's motivation). The paper suggests a
+larger alpha than for LoRA, since only half of the adapter learns.
+
+The round config carries ``protocol.CFG_FREEZE_A``; ``fedge.lora_fed`` freezes
+lora_A for the round and leaves it out of the reply. Linear LoRA layers only
+(``lora_A`` / ``lora_B`` names); ``lora_embedding_A`` is not frozen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Message
+
+from fedge import deltas
+from fedge import protocol as P
+from fedge.lora_fed import is_lora_a
+from strategies.base import DeltaStrategy
+from strategies.registry import register
+
+
+@register("ffa-lora")
+class FFALoRA(DeltaStrategy):
+    """FFA-LoRA: lora_A frozen at its shared initialisation; the example-weighted mean of the B deltas."""
+
+    name = "ffa-lora"
+    paper = "Sun et al. 2024, arXiv:2403.12313"
+
+    def round_config(self, server_round: int) -> dict:
+        return {P.CFG_FREEZE_A: True}
+
+    def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
+        return {k: np.shape(v) for k, v in self.current.items() if not is_lora_a(k)}
+
+    def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0] if not is_lora_a(k)}
+
+    def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = sorted(k for k in current if not is_lora_a(k) and k not in aggregate)
+        if missing:
+            raise ValueError(f"aggregate lacks trained tensors {missing[:3]}")
+        step = {k: np.zeros(np.shape(v)) if is_lora_a(k) else aggregate[k] for k, v in current.items()}
+        return deltas.apply_delta(current, step)
