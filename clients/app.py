@@ -10,6 +10,7 @@ The partition comes from the node config (``partition-id``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -54,8 +55,14 @@ def _prepare(msg: Message, context: Context, config_path: str | None):
                          targets=tuple(conf[P.CFG_LORA_TARGETS]))
     global_state = lora_fed.client_view(deltas.from_record(msg.content[P.ARRAYS]), r)  # HetLoRA: truncated
     models.set_adapter_state(peft, global_state)
-    pid = int(context.node_config[P.NODE_PARTITION_ID])
+    pid = int(context.node_config.get(P.NODE_PARTITION_ID, 0))
     return rt, conf, peft, global_state, pid
+
+
+def _data_path(context: Context) -> str | None:
+    """Deployment: this device's own data file (node config ``data-path``), else None (a partition)."""
+    path = context.node_config.get(P.NODE_DATA_PATH)
+    return str(path) if path else None
 
 
 DP_HISTORY = "dp-sgd-history"  # key in the node's Context state: the accountant's history
@@ -63,8 +70,9 @@ STATE_DIR_ENV = "FEDGE_CLIENT_STATE"  # directory for state that must survive re
 
 
 def client_name(context: Context) -> str:
+    """Stable name: the operator's device-id, else ``partition-<id>`` (simulation)."""
     nc = context.node_config
-    return str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc[P.NODE_PARTITION_ID]):06d}"
+    return str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc.get(P.NODE_PARTITION_ID, 0)):06d}"
 
 
 def _state_dir(context: Context) -> Path | None:
@@ -154,9 +162,12 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
     def train(msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
         rt, conf, peft, global_state, pid = _prepare(msg, context, config_path)
-        train_ex, _ = rt.examples(pid)
+        train_ex, _ = rt.examples(pid, _data_path(context))
         rnd = int(conf[P.CFG_ROUND])
-        seed = int(np.random.SeedSequence([int(conf[P.CFG_SEED]), rnd, pid]).generate_state(1)[0])
+        entropy = [int(conf[P.CFG_SEED]), rnd, pid]
+        if _data_path(context):  # devices with their own files all have partition-id 0: add their name
+            entropy.append(int.from_bytes(hashlib.sha256(client_name(context).encode()).digest()[:4], "little"))
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex)})
         with lora_fed.client_round(peft, conf, context, msg.content) as hooks:  # LoRA-aware algorithms' client side
             _train_round(peft, train_ex, rt, conf, context, seed, metrics)
@@ -178,7 +189,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         rt, conf, peft, _, pid = _prepare(msg, context, config_path)
-        _, held = rt.examples(pid)
+        _, held = rt.examples(pid, _data_path(context))
         with lora_fed.residual_applied(peft, lora_fed.message_residual(msg.content)):  # FedEx-LoRA's R
             res = evaluate_model(peft, held, task=rt.task, pad_id=rt.pad_id,
                                  batch_size=int(conf[P.CFG_EVAL_BATCH_SIZE]),

@@ -47,19 +47,35 @@ class ClientRuntime:
                                               dropout=dropout, target_modules=targets, seed=self.seed)
         return self._peft[key]
 
-    def examples(self, partition_id: int) -> tuple[list[dict], list[dict]]:
-        """Tokenized (train, held-out) examples of one partition."""
-        if partition_id not in self._examples:
-            fd = federated_split(**self.data_args)
-            if not 0 <= partition_id < len(fd.clients):
-                raise ValueError(f"partition-id {partition_id} outside 0..{len(fd.clients) - 1}")
-            train, held = fd.clients[partition_id]
+    def examples(self, partition_id: int, data_path: str | None = None) -> tuple[list[dict], list[dict]]:
+        """Tokenized (train, held-out) examples: the device's own file (``data_path``), else one partition."""
+        key = f"file:{data_path}" if data_path else partition_id
+        if key not in self._examples:
+            if data_path:
+                train, held = local_split(data_path, task=self.task,
+                                          holdout_fraction=self.data_args["holdout_fraction"], seed=self.seed)
+            else:
+                fd = federated_split(**self.data_args)
+                if not 0 <= partition_id < len(fd.clients):
+                    raise ValueError(f"partition-id {partition_id} outside 0..{len(fd.clients) - 1}")
+                train, held = fd.clients[partition_id]
             tok = self.base.tokenizer
-            self._examples[partition_id] = (
+            self._examples[key] = (
                 encode_dataset(tok, train, task=self.task, max_length=self.max_length),
                 encode_dataset(tok, held, task=self.task, max_length=self.max_length),
             )
-        return self._examples[partition_id]
+        return self._examples[key]
+
+
+def local_split(path: str, *, task: str, holdout_fraction: float, seed: int):
+    """(train, held-out) of one device's own file (deployment: node config ``data-path``)."""
+    from fedge.data.corpora import load_records
+    from fedge.data.partition import split_holdout
+
+    ds, _ = load_records(str(path), task=task)
+    if len(ds) == 0:
+        raise ValueError(f"data-path {path} holds no records")
+    return split_holdout(ds, holdout_fraction, seed + 1)
 
 
 def data_args(cfg: fcfg.RunConfig) -> dict:

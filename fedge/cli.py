@@ -101,6 +101,13 @@ def cmd_privacy(argv: list[str]) -> int:
 def cmd_keys(args) -> int:
     from fedge.export import generate_keypair
 
+    if args.action == "node":
+        from fedge.deploy import make_node_keys
+
+        k = make_node_keys(args.dir, args.name)
+        print(f"device private key: {k.private_key} (copy to the device; --auth-key)")
+        print(f"device public key:  {k.public_key} (register on the server: fedge server --register)")
+        return 0
     paths = generate_keypair(args.dir, name=args.name, overwrite=args.overwrite)
     print(f"private key: {paths.private} (keep it on the server, mode 0600)")
     print(f"public key:  {paths.public_pem} (pin it on every device)")
@@ -166,6 +173,70 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_certs(args) -> int:
+    from fedge.deploy import make_certs
+
+    c = make_certs(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")), days=args.days)
+    print(f"CA certificate:     {c.ca_cert} (every device: --root-certificates)")
+    print(f"server certificate: {c.server_cert}\nserver key:         {c.server_key} (keep on the server)")
+    return 0
+
+
+def cmd_server(args) -> int:
+    """SuperLink (TLS + node auth when given) + the run; streams rounds until the summary."""
+    from fedge import deploy as D
+
+    cfg = fcfg.load(args.scenario, args.set)  # validate here, before any process starts
+    home = Path(args.home)
+    certs = D.Certs(Path(args.certs) / "ca.crt", Path(args.certs) / "server.pem", Path(args.certs) / "server.key") \
+        if args.certs else None
+    link = D.start_superlink(host=args.host, port=args.port, home=home, certs=certs,
+                             enable_supernode_auth=bool(args.register))
+    try:
+        flwr_home = home / "cli-home"
+        D.write_connection(flwr_home, "fedge", f"{args.host}:{args.port}", ca_cert=certs.ca_cert if certs else None)
+        for pub in args.register:
+            print(f"registered device key {pub} as node {D.register_node(pub, connection='fedge', flwr_home=flwr_home)}")
+        run_dir = Path(args.run_dir) if args.run_dir else home / "runs" / cfg.name
+        app_dir = Path(args.app_dir) if args.app_dir else Path(__file__).resolve().parent.parent
+        run_id = D.submit_run(app_dir, connection="fedge", flwr_home=flwr_home, scenario=args.scenario,
+                              run_dir=run_dir, overrides=args.set)
+        print(f"run {run_id} submitted; waiting for {cfg.federation.clients_per_round} devices; outputs in {run_dir}",
+              flush=True)
+        seen = 0
+        while not (run_dir / "summary.json").exists():
+            rows = D.read_metrics(run_dir)
+            for row in rows[seen:]:
+                print(_round_line(row), flush=True)
+            seen = len(rows)
+            if link.poll() is not None:
+                raise D.DeployError(f"the SuperLink exited ({link.returncode}); see {home / 'superlink.log'}")
+            time.sleep(1.0)
+        for row in D.read_metrics(run_dir)[seen:]:
+            print(_round_line(row), flush=True)
+        print(f"done: {run_dir}/summary.json")
+    finally:
+        D.stop(link)
+    return 0
+
+
+def cmd_client(args) -> int:
+    """A SuperNode for this device, training on its own file; runs until stopped."""
+    from fedge import deploy as D
+
+    node = D.start_client(server=args.server, data=args.data, device_id=args.device_id, home=args.home,
+                          root_certificates=args.root_certificates, auth_key=args.auth_key,
+                          state_dir=args.state_dir, clientappio_port=args.clientappio_port)
+    print(f"device {args.device_id}: SuperNode pid {node.pid} connected to {args.server}; logs in {args.home}",
+          flush=True)
+    try:
+        return node.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        D.stop(node)
+
+
 def cmd_config(args) -> int:
     cfg = fcfg.load(args.scenario, args.set)
     print(fcfg.dump_yaml(cfg), end="")
@@ -211,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fedge privacy --help)")
 
     sp = sub.add_parser("keys", help="signing keys for artifacts")
-    sp.add_argument("action", choices=["generate"])
+    sp.add_argument("action", choices=["generate", "node"],
+                    help="generate: the server's artifact signing key; node: a device's SuperNode auth key")
     sp.add_argument("--dir", default="runs/keys", help="where to write the key pair (default: %(default)s)")
-    sp.add_argument("--name", default="fedge")
+    sp.add_argument("--name", default="fedge", help="file name (node keys: the device id)")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(fn=cmd_keys)
 
@@ -252,6 +324,37 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--port", type=int, default=8000)
         sp.set_defaults(fn=fn)
 
+    sp = sub.add_parser("certs", help="a CA and a SuperLink certificate (pilot TLS)")
+    sp.add_argument("--out", default="certs")
+    sp.add_argument("--host", action="append", default=None, help="server IP or DNS name (repeatable)")
+    sp.add_argument("--days", type=int, default=365)
+    sp.set_defaults(fn=cmd_certs)
+
+    sp = sub.add_parser("server", help="deployment: start the SuperLink and run a scenario on real devices")
+    scenario_args(sp)
+    sp.add_argument("--home", default="fedge-server", help="SuperLink state, logs and runs (default: %(default)s)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=9093)
+    sp.add_argument("--certs", help="directory from `fedge certs` (TLS on); without it: insecure, loopback only")
+    sp.add_argument("--register", action="append", default=[], metavar="DEVICE.pub",
+                    help="device public key to register (turns SuperNode authentication on; repeatable)")
+    sp.add_argument("--run-dir")
+    sp.add_argument("--app-dir", help="the fedge app directory (default: this installation)")
+    sp.set_defaults(fn=cmd_server)
+
+    sp = sub.add_parser("client", help="deployment: run this device as a SuperNode on its own data")
+    sp.add_argument("--server", required=True, help="SuperLink host:port")
+    sp.add_argument("--data", required=True, help="this device's JSONL/CSV/Parquet (prompt/response columns)")
+    sp.add_argument("--device-id", required=True)
+    sp.add_argument("--home", default="fedge-device", help="SuperNode state and logs (default: %(default)s)")
+    sp.add_argument("--root-certificates", help="the CA certificate (TLS)")
+    sp.add_argument("--auth-key", help="this device's private key (SuperNode authentication)")
+    sp.add_argument("--state-dir", help="persistent state: model store, DP accountant history")
+    sp.add_argument("--clientappio-port", type=int,
+                    help="local port between the SuperNode and its ClientApp processes (Flower's default: 9094); "
+                         "set it when several devices share one machine")
+    sp.set_defaults(fn=cmd_client)
+
     sp = sub.add_parser("strategies", help="list the registered aggregation strategies")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_strategies)
@@ -279,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         from fedge.runtime.store import StoreError
         from server.checkpoint import CheckpointError
 
-        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError, StoreError)):
+        from fedge.deploy import DeployError
+
+        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError, StoreError, DeployError)):
             print(f"fedge: {err}", file=sys.stderr)
             return 2
         raise

@@ -102,6 +102,7 @@ DEPLOY_MESSAGE = "message"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DEVICE_ID = "device-id"  # deployment: the operator's name for the device
+NODE_DATA_PATH = "data-path"  # deployment: this device's own JSONL/CSV/Parquet file
 NODE_STATE_DIR = "state-dir"  # persistent device state (model store, DP accountant history)
 NODE_TRUSTED_KEY = "trusted-key"  # the server's public key pinned at enrolment
 NODE_LORA_RANK = "lora-rank"  # HetLoRA: the largest LoRA rank this device trains (optional)

@@ -1,0 +1,468 @@
+"""Real deployments: SuperLink + SuperNodes on devices (library behind ``fedge server/client/certs/keys``).
+
+Flower 1.42 facts this module relies on (checked in the installed sources):
+
+* One SuperLink port (``--host/--port``) serves the Fleet API (SuperNodes) and the
+  Control API (``flwr run``, ``flwr supernode register``); both use the same TLS files.
+* ``flwr`` CLI commands read their connection from ``$FLWR_HOME/config.toml``
+  (``[superlink.<name>] address / insecure / root-certificates``).
+* SuperNode authentication: the SuperNode gets ``--auth-supernode-private-key`` with an
+  **OpenSSH-format EC private key on a NIST curve** (Flower generates SECP384R1); the
+  SuperLink runs with ``--enable-supernode-auth`` and only accepts nodes whose OpenSSH
+  public key was registered with ``flwr supernode register <pub> <connection>``.
+* The SuperLink and each SuperNode run apps from the FAB unpacked under their own
+  ``$FLWR_HOME``; start them from a neutral working directory so that no live copy of
+  the code shadows the FAB (the code-location trap).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge import protocol as P
+
+NODE_DATA_PATH = P.NODE_DATA_PATH
+NODE_STATE_DIR = P.NODE_STATE_DIR
+FLOWER_PROCESS_NAMES = ("flower-superlink", "flower-supernode", "flwr-clientapp", "flwr-serverapp",
+                        "flower-superexec", "flwr-superexec")
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says which and where its log is."""
+
+
+# -- certificates (TLS) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca_cert: Path  # give to every SuperNode (--root-certificates) and flwr CLI (root-certificates)
+    server_cert: Path  # SuperLink --ssl-certfile
+    server_key: Path  # SuperLink --ssl-keyfile (keep secret)
+
+
+def make_certs(out_dir: str | Path, hosts: Iterable[str] = ("127.0.0.1", "localhost"), *,
+               days: int = 365, common_name: str = "fedge-superlink") -> Certs:
+    """A self-signed CA and a SuperLink certificate for ``hosts`` (IPs or DNS names), as PEM files.
+
+    ``ca.crt`` goes to every device; ``server.key`` never leaves the server. No openssl needed.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
+    until = now + _dt.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedge-ca")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now).not_valid_after(until)
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False,
+                                            encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+               .sign(ca_key, hashes.SHA256()))
+
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(until)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+
+    pem = serialization.Encoding.PEM
+    certs = Certs(out / "ca.crt", out / "server.pem", out / "server.key")
+    certs.ca_cert.write_bytes(ca_cert.public_bytes(pem))
+    certs.server_cert.write_bytes(cert.public_bytes(pem))
+    _write_secret(certs.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    # The CA key is only needed to issue more certificates; kept beside, owner-only.
+    _write_secret(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return certs
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o600)
+
+
+# -- SuperNode authentication keys -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    private_key: Path  # on the device: flower-supernode --auth-supernode-private-key
+    public_key: Path  # on the server: flwr supernode register <public_key> <connection>
+
+
+def make_node_keys(out_dir: str | Path, name: str) -> NodeKeys:
+    """An EC P-384 key pair for one device, in the OpenSSH formats Flower 1.42 loads.
+
+    Writes ``<name>`` (private, 0600) and ``<name>.pub`` (``ecdsa-sha2-nistp384 ...``).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    keys = NodeKeys(out / name, out / f"{name}.pub")
+    _write_secret(keys.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                      serialization.NoEncryption()))
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    keys.public_key.write_bytes(pub + f" {name}\n".encode())
+    return keys
+
+
+# -- the flwr CLI's connection file ----------------------------------------------
+
+
+def write_connection(flwr_home: str | Path, name: str, address: str, *, ca_cert: str | Path | None = None,
+                     default: bool = True) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (TLS iff ``ca_cert``)."""
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]"] + ([f'default = "{name}"'] if default else []) + ["", f"[superlink.{name}]",
+                                                                            f'address = "{address}"']
+    if ca_cert:
+        lines.append(f'root-certificates = "{Path(ca_cert).resolve()}"')
+    else:
+        lines.append("insecure = true")
+    path = home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- processes ---------------------------------------------------------------------
+
+
+def _bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (else PATH)."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _env(flwr_home: Path | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("PYTHONPATH", None)  # nothing may shadow the FAB's code
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env.update(extra or {})
+    return env
+
+
+def _spawn(cmd: list[str], *, cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start a process in its own session (its process group holds the app processes it starts)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise DeployError(f"process {proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise DeployError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def start_superlink(*, host: str = "127.0.0.1", port: int = 9093, home: str | Path, certs: Certs | None = None,
+                    enable_supernode_auth: bool = False, database: str | None = None,
+                    env: Mapping[str, str] | None = None, wait: float = 60.0) -> subprocess.Popen:
+    """Start ``flower-superlink`` (runtime dependency installation disabled) from ``home``/work.
+
+    ``home`` holds the SuperLink's FLWR_HOME (apps unpacked there), its working directory
+    (neutral: no project code) and ``superlink.log``. Insecure iff ``certs`` is None.
+    """
+    home = Path(home).resolve()
+    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(Path(certs.ca_cert).resolve()), "--ssl-certfile",
+                str(Path(certs.server_cert).resolve()), "--ssl-keyfile", str(Path(certs.server_key).resolve())]
+    if enable_supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    if database:
+        cmd += ["--database", database]
+    proc = _spawn(cmd, cwd=home / "work", env=_env(home / "flwr-home", env), log_path=home / "superlink.log")
+    if wait:
+        wait_for_port(host, port, wait, proc)
+    return proc
+
+
+def format_node_config(node_config: Mapping[str, object]) -> str:
+    """``--node-config`` text: strings quoted (TOML), numbers as they are."""
+    parts = []
+    for k, v in node_config.items():
+        if isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            parts.append(f"{k}={v}")
+        else:
+            parts.append(f"{k}={json.dumps(str(v))}")
+    return " ".join(parts)
+
+
+def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[str, object],
+                    clientappio_port: int | None = None, root_certificates: str | Path | None = None,
+                    auth_key: str | Path | None = None, insecure: bool | None = None,
+                    max_retries: int | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``flower-supernode`` connecting to ``superlink`` (host:port).
+
+    TLS iff ``root_certificates`` (the CA file) is given, unless ``insecure`` says otherwise.
+    ``clientappio_port``: the node's local port for its ClientApp processes (must differ per
+    node on one machine). ``home`` holds its FLWR_HOME, neutral working directory and log.
+    """
+    home = Path(home).resolve()
+    cmd = [_bin("flower-supernode"), "--superlink", superlink,
+           "--node-config", format_node_config(node_config)]
+    if insecure if insecure is not None else root_certificates is None:
+        cmd.append("--insecure")
+    if root_certificates is not None:
+        cmd += ["--root-certificates", str(Path(root_certificates).resolve())]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
+    if clientappio_port is not None:
+        cmd += ["--port", str(clientappio_port)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return _spawn(cmd, cwd=home / "work", env=_env(home / "flwr-home", env), log_path=home / "supernode.log")
+
+
+def start_client(*, server: str, data: str | Path, device_id: str, home: str | Path,
+                 root_certificates: str | Path | None = None, auth_key: str | Path | None = None,
+                 state_dir: str | Path | None = None, clientappio_port: int | None = None,
+                 env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """``fedge client``: a SuperNode for one device that trains on its own local file.
+
+    The node config carries ``data-path`` (this device's JSONL/CSV/Parquet with
+    prompt/response columns) and ``device-id`` (its stable name); ``partition-id=0
+    num-partitions=1`` keep older ClientApps working. The ClientApp must read
+    ``data-path`` (see docs/deploy.md for the change in clients/runtime.py).
+    """
+    data = Path(data).expanduser().resolve()
+    if not data.exists():
+        raise DeployError(f"--data: file not found: {data}")
+    nc: dict[str, object] = {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 1, P.NODE_DEVICE_ID: device_id,
+                             NODE_DATA_PATH: str(data)}
+    if state_dir is not None:
+        nc[NODE_STATE_DIR] = str(Path(state_dir).expanduser().resolve())
+    return start_supernode(superlink=server, home=home, node_config=nc, clientappio_port=clientappio_port,
+                           root_certificates=root_certificates, auth_key=auth_key, env=env)
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    """SIGTERM the process group (the process and the app processes it started), then SIGKILL."""
+    if proc is None:
+        return
+    pgid = proc.pid  # started with start_new_session: the process group id is the leader's pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    # Children that ignored SIGTERM or outlived their parent (e.g. a SuperExec whose
+    # SuperNode exited on a refused connection) get a few seconds, then SIGKILL.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+# -- the flwr CLI --------------------------------------------------------------------
+
+
+def flwr(args: list[str], *, flwr_home: str | Path, cwd: str | Path | None = None, timeout: float = 120.0,
+         check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI with ``FLWR_HOME`` set (where config.toml holds the connection)."""
+    cp = subprocess.run([_bin("flwr"), *args], env=_env(Path(flwr_home)), cwd=cwd, capture_output=True,
+                        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and cp.returncode != 0:
+        raise DeployError(f"flwr {' '.join(args)} failed ({cp.returncode}):\n{cp.stdout[-3000:]}\n{cp.stderr[-3000:]}")
+    return cp
+
+
+def _json_out(text: str) -> dict:
+    start = text.find("{")
+    if start < 0:
+        raise DeployError(f"no JSON in flwr output: {text[-2000:]}")
+    return json.loads(text[start:])
+
+
+def register_node(public_key: str | Path, *, connection: str, flwr_home: str | Path, name: str | None = None) -> int:
+    """``flwr supernode register``: allow the device owning this public key; returns its node id."""
+    args = ["supernode", "register", str(Path(public_key).resolve()), connection, "--format", "json"]
+    if name:
+        args += ["--name", name]
+    out = _json_out(flwr(args, flwr_home=flwr_home).stdout)
+    if not out.get("success"):
+        raise DeployError(f"registration refused: {out}")
+    return int(out["node-id"])
+
+
+def list_nodes(*, connection: str, flwr_home: str | Path) -> list[dict]:
+    out = _json_out(flwr(["supernode", "list", connection, "--format", "json"], flwr_home=flwr_home).stdout)
+    return list(out.get("nodes", []))
+
+
+def run_config_arg(config: Mapping[str, object]) -> str:
+    """``--run-config`` text (TOML values: strings quoted)."""
+    return format_node_config(config)
+
+
+def submit_run(app_dir: str | Path, *, connection: str, flwr_home: str | Path, scenario: str | Path,
+               run_dir: str | Path, overrides: Iterable[str] = (), timeout: float = 180.0) -> int:
+    """``flwr run <app_dir> <connection> --run-config "scenario=... run-dir=..."``; returns the run id.
+
+    ``scenario``: a YAML path (or packaged name) that the **server** can read; ``run_dir``:
+    where the ServerApp writes metrics.jsonl, checkpoints, the adapter and report.md.
+    """
+    sc = Path(scenario)
+    rc: dict[str, object] = {P.RUN_SCENARIO: str(sc.resolve()) if sc.suffix in (".yaml", ".yml") else str(scenario),
+                             P.RUN_DIR: str(Path(run_dir).resolve())}
+    ov = [o for o in overrides if o.strip()]
+    if ov:
+        rc[P.RUN_OVERRIDES] = ";".join(ov)
+    cp = flwr(["run", str(Path(app_dir).resolve()), connection, "--run-config", run_config_arg(rc),
+               "--format", "json"], flwr_home=flwr_home, timeout=timeout)
+    out = _json_out(cp.stdout)
+    if not out.get("success", True) or "run-id" not in out:
+        raise DeployError(f"flwr run failed: {out}")
+    return int(out["run-id"])
+
+
+def run_status(run_id: int, *, connection: str, flwr_home: str | Path) -> dict:
+    out = _json_out(flwr(["list", connection, "--run-id", str(run_id), "--format", "json"],
+                         flwr_home=flwr_home).stdout)
+    runs = out.get("runs") or []
+    return runs[0] if runs else out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def wait_for_rounds(run_dir: str | Path, rounds: int, *, timeout: float, procs: Iterable[subprocess.Popen] = (),
+                    poll: float = 1.0) -> list[dict]:
+    """Wait until metrics.jsonl has round ``rounds``; fail early if a watched process dies."""
+    deadline = time.monotonic() + timeout
+    procs = list(procs)
+    while time.monotonic() < deadline:
+        rows = read_metrics(run_dir)
+        if rows and rows[-1]["round"] >= rounds:
+            return rows
+        for p in procs:
+            if p.poll() is not None:
+                raise DeployError(f"{p.args[0]} exited with {p.returncode} while waiting for round {rounds}")
+        time.sleep(poll)
+    raise DeployError(f"round {rounds} not reached after {timeout:.0f} s; rows: {read_metrics(run_dir)}")
+
+
+def wait_for_summary(run_dir: str | Path, timeout: float = 120.0) -> dict:
+    f = Path(run_dir) / "summary.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f.exists():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.5)
+    raise DeployError(f"no {f} after {timeout:.0f} s")
+
+
+def flower_processes(names: Iterable[str] = FLOWER_PROCESS_NAMES) -> list[int]:
+    """PIDs of running Flower runtime processes (by executable name in the command line)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(Path(c).name in names for c in cmd[:2]):
+            out.append(p.pid)
+    return out
+
+
+def write_scenario(path: str | Path, scenario: str = "default", overrides: Iterable[str] = ()) -> Path:
+    """Resolve a scenario with overrides into one self-contained YAML (what the server is given)."""
+    from fedge import config as fcfg
+
+    cfg = fcfg.load(scenario, list(overrides))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(fcfg.dump_yaml(cfg))
+    return path
