@@ -10,10 +10,32 @@ Partitions are disjoint and, with the global held-out set, cover every record.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 from fedge.data.corpora import DataError, load_records
+
+
+class LazyList(Sequence):
+    """``fn(i)`` for i < n, computed on first access and kept: with 10,000 virtual
+    clients a process only pays for the partitions it actually serves."""
+
+    def __init__(self, n: int, fn: Callable[[int], object]):
+        self._n, self._fn, self._cache = n, fn, {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        i %= self._n
+        if i not in self._cache:
+            self._cache[i] = self._fn(i)
+        return self._cache[i]
 
 
 def split_holdout(ds, fraction: float, seed: int):
@@ -38,7 +60,7 @@ def partition(
     min_partition_size: int = 4,
     seed: int = 0,
 ) -> list:
-    """Return ``num_partitions`` disjoint datasets (flwr-datasets partitioners, no hub)."""
+    """``num_partitions`` disjoint datasets (flwr-datasets partitioners, no hub), loaded lazily."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
     if scheme == "natural":
@@ -64,13 +86,13 @@ def partition(
         p.dataset = sub
         _ = p.num_partitions  # builds the id mapping
         index = {nid: pid for pid, nid in p.partition_id_to_natural_id.items()}
-        return [p.load_partition(index[nid]) for nid in natural_ids]
+        return LazyList(len(natural_ids), lambda i: p.load_partition(index[natural_ids[i]]))
     if scheme == "iid":
         if len(ds) < num_partitions:
             raise DataError(f"data.num_clients ({num_partitions}) exceeds the {len(ds)} records")
         p = IidPartitioner(num_partitions=num_partitions)
         p.dataset = ds.shuffle(seed=seed)
-        return [p.load_partition(i) for i in range(num_partitions)]
+        return LazyList(num_partitions, p.load_partition)
     if scheme == "dirichlet":
         if partition_by not in ds.column_names:
             raise DataError(f"data.partition_by: column {partition_by!r} not in {ds.column_names}")
@@ -80,7 +102,7 @@ def partition(
         p = DirichletPartitioner(num_partitions=num_partitions, partition_by=partition_by, alpha=alpha,
                                  min_partition_size=min_partition_size, self_balancing=True, seed=seed)
         p.dataset = ds
-        return [p.load_partition(i) for i in range(num_partitions)]
+        return LazyList(num_partitions, p.load_partition)
     raise DataError(f"data.partition: unknown scheme {scheme!r}; allowed: ['natural', 'iid', 'dirichlet']")
 
 
@@ -88,7 +110,7 @@ def partition(
 class FederatedData:
     """All splits of one scenario: per-client (train, held-out) and the global held-out."""
 
-    clients: tuple  # tuple[(train Dataset, held-out Dataset), ...]
+    clients: Sequence  # [(train Dataset, held-out Dataset), ...], split on first access
     global_holdout: object
     label_names: tuple[str, ...] | None
     client_names: tuple[str, ...]
@@ -117,7 +139,7 @@ def federated_split(
     rest, global_holdout = split_holdout(ds, global_holdout_fraction, seed)
     parts = partition(rest, scheme=scheme, num_partitions=num_clients, partition_by=partition_by,
                       natural_ids=natural_ids, alpha=alpha, min_partition_size=min_partition_size, seed=seed)
-    clients = tuple(split_holdout(p, holdout_fraction, seed + 1 + i) for i, p in enumerate(parts))
+    clients = LazyList(len(parts), lambda i: split_holdout(parts[i], holdout_fraction, seed + 1 + i))
     if scheme == "natural":
         names = tuple(str(p[0][partition_by]) if len(p) else f"client-{i}" for i, p in enumerate(parts))
     else:
