@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,45 +27,19 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def tree_rss(pid: int) -> int:
-    try:
-        p = psutil.Process(pid)
-        procs = [p] + p.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _measure import run_measured  # noqa: E402
 
 
 def run_default(run_dir: Path) -> dict:
     """`fedge simulate --run-dir X` in a subprocess, sampling the process tree's RSS."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "fedge"), "simulate", "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir())
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
-            time.sleep(0.5)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    th.join()
-    if proc.returncode != 0:
+    rc, out, wall, peak = run_measured([str(Path(sys.executable).parent / "fedge"), "simulate", "--run-dir",
+                                        str(run_dir)], cwd=tempfile.gettempdir())
+    if rc != 0:
         raise SystemExit(f"fedge simulate failed:\n{out}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"wall": wall, "peak_rss": peak[0], "rows": rows, "summary": summary, "stdout": out}
+    return {"wall": wall, "peak_rss": peak, "rows": rows, "summary": summary, "stdout": out}
 
 
 def bytes_table(cfg) -> tuple[list[str], dict]:

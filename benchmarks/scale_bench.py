@@ -14,10 +14,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _measure import run_measured  # noqa: E402
 
 
 def run(n: int, model_dir: Path, work: Path, per_round: int) -> dict:
@@ -39,29 +39,11 @@ def run(n: int, model_dir: Path, work: Path, per_round: int) -> dict:
     cmd = [str(Path(sys.executable).parent / "fedge"), "simulate", "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            try:
-                p = psutil.Process(proc.pid)
-                rss = sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
-                peak[0] = max(peak[0], rss)
-            except psutil.NoSuchProcess:
-                pass
-            time.sleep(0.5)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    th.join()
-    if proc.returncode != 0:
+    rc, out, wall, peak = run_measured(cmd, cwd=work)
+    if rc != 0:
         return {"n": n, "error": out[-2000:]}
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    return {"n": n, "wall": wall, "peak_rss": peak[0], "rounds": [r["seconds"] for r in rows],
+    return {"n": n, "wall": wall, "peak_rss": peak, "rounds": [r["seconds"] for r in rows],
             "accepted": [r["accepted"] for r in rows], "server_rss_mb": [r["server_rss_mb"] for r in rows]}
 
 

@@ -47,12 +47,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from fedge.runtime.store import _fsync_dir as _fsync  # noqa: E402 - one fsync helper for files and dirs
 
 
 def save(run_dir: Path, *, round: int, adapter: dict, strategy_state: dict, config_digest: str,
