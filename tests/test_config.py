@@ -67,3 +67,28 @@ def test_unknown_strategy_fails_before_runtime(tmp_path):
 
 def test_digest_changes_with_config():
     assert fcfg.load("default").digest() != fcfg.load("default", ["seed=1"]).digest()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["privacy.dp_sgd.enabled=true"], "exactly one of noise_multiplier or target_epsilon"),
+    (["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.noise_multiplier=0"], "0 gives no privacy"),
+    (["privacy.user_level.enabled=true", "privacy.user_level.noise_multiplier=1", "privacy.user_level.delta=0.2"],
+     "must be < 1/data.num_clients"),
+    (["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.noise_multiplier=1", "privacy.dp_sgd.max_grad_norm=0"],
+     "privacy.dp_sgd.max_grad_norm"),
+    (["strategy.name=fedex-lora"], "export.enabled: false"),
+])
+def test_privacy_and_export_settings_refused_at_config_time(overrides, needle):
+    with pytest.raises(fcfg.ConfigError, match=None) as err:
+        fcfg.load("default", overrides)
+    assert needle in str(err.value)
+
+
+def test_privacy_planning_command_is_scriptable():
+    proc = subprocess.run([sys.executable, "-m", "fedge.cli", "privacy", "epsilon", "--noise-multiplier", "1.0",
+                           "--sample-rate", "0.03125", "--steps", "12", "--delta", "1e-5", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    import json
+
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 0 and out["epsilon"] == pytest.approx(1.685, abs=1e-3)  # Opacus RDP reference
