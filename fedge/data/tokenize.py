@@ -62,6 +62,8 @@ def collate_causal(examples: list[dict[str, list[int]]], pad_id: int) -> dict[st
 
 def encode_dataset(tokenizer, ds, *, task: str, max_length: int) -> list[dict]:
     """Tokenize every record once (lists of ids; batching happens in training)."""
+    if len(ds) == 0:  # e.g. a one-record client keeps no held-out set
+        return []
     if task == "causal-lm":
         return [encode_chat(tokenizer, p, r, max_length) for p, r in zip(ds["prompt"], ds["response"])]
     enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
