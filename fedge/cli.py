@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     scenario_args(sp)
     sp.set_defaults(fn=cmd_config)
 
+    sub.add_parser("bench", help="benchmarks that run whole federations, e.g. fedge bench strategies "
+                   "--config classify --strategies fedavg,fedprox --seeds 3 (fedge bench --help)")
     sub.add_parser("privacy", help="plan privacy without training: ε for a plan, or the noise for a target ε "
                    "(fedge privacy --help)")
 
@@ -368,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
     if argv and argv[0] == "privacy":  # its own parser (fedge/privacy/accounting.py)
         return cmd_privacy(argv[1:])
+    if argv and argv[0] == "bench":  # its own parser (simulations/bench.py)
+        from simulations.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
