@@ -22,7 +22,10 @@ sequence classification, else held-out loss) as mean ± sample std (n − 1) ove
 seeds; the round whose seed-mean metric is best; bytes up/down per client per
 round; wall time per run (mean, Ray start-up included). A strategy that cannot
 run (bad parameters, too few clients for Krum/Bulyan, a crash) is reported as
-``failed: reason`` and the others go on.
+``failed: reason`` and the others go on. Exit status: 0 when every strategy ran
+all seeds, 1 when any failed or diverged (the reports are still written), 2 for
+bad arguments. ``--reuse`` skips runs already finished in ``DIR`` with the same
+config (to resume an interrupted benchmark or rebuild the reports).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class SeedRun:
 class StrategyResult:
     name: str
     params: dict
+    planned: int = 0  # number of seeds asked for
     runs: list[SeedRun] = field(default_factory=list)
     error: str | None = None  # set when the strategy could not be built at all
 
@@ -135,7 +139,7 @@ def higher_is_better(metric: str) -> bool:
 
 def curves(runs: list[SeedRun], metric: str) -> np.ndarray:
     """(seeds, rounds + 1) array of ``metric``; NaN where a run has no such round or value."""
-    n = max((len(r.rows) for r in runs), default=0)
+    n = max((row["round"] + 1 for r in runs for row in r.rows), default=0)
     out = np.full((len(runs), n), np.nan)
     for i, r in enumerate(runs):
         for row in r.rows:
@@ -157,11 +161,15 @@ def mean_std(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def summarize(res: StrategyResult, metric: str) -> dict:
     """One table row: final metric mean ± std, best round, bytes and wall time per run."""
     row = {"strategy": res.name, "params": json.dumps(res.params, sort_keys=True) if res.params else "",
-           "seeds_ok": len(res.ok), "seeds_total": len(res.runs), "metric": metric,
-           "final_mean": None, "final_std": None, "best_round": None, "best_mean": None,
+           "seeds_ok": len(res.ok), "seeds_total": max(res.planned, len(res.runs)), "metric": metric,
+           "final_mean": None, "final_std": None, "final_loss_mean": None, "final_loss_std": None,
+           "best_round": None, "best_mean": None,
            "initial_mean": None, "bytes_up_per_client_round": None, "bytes_down_per_client_round": None,
            "wall_s_mean": None, "final_values": "", "status": "ok", "error": ""}
     failed = [r for r in res.runs if r.error]
+    if res.error is None and not res.runs:
+        row["status"] = "pending"  # reports are rewritten while the benchmark runs
+        return row
     if res.error or not res.ok:
         reason = res.error or failed[0].error
         row.update(status="failed", error=reason)
@@ -172,6 +180,8 @@ def summarize(res: StrategyResult, metric: str) -> dict:
     final = c[:, -1]
     mean, std = mean_std(c)
     row["final_mean"], row["final_std"] = float(mean[-1]), float(std[-1])
+    loss_mean, loss_std = mean_std(curves(res.ok, "central_loss")[:, -1])  # the loss too, for classification
+    row["final_loss_mean"], row["final_loss_std"] = float(loss_mean), float(loss_std)
     row["initial_mean"] = float(mean[0])
     row["final_values"] = ";".join(f"{v:.6g}" for v in final)
     if np.all(np.isnan(mean)):
@@ -180,19 +190,41 @@ def summarize(res: StrategyResult, metric: str) -> dict:
     best = np.nanargmax(mean) if higher_is_better(metric) else np.nanargmin(mean)
     row["best_round"], row["best_mean"] = int(best), float(mean[best])
     trained = [x for r in res.ok for x in r.rows if x["round"] > 0]
-    if trained:
-        row["bytes_up_per_client_round"] = float(np.mean([x["bytes_up_per_client"] for x in trained]))
-        row["bytes_down_per_client_round"] = float(np.mean([x["bytes_down_per_client"] for x in trained]))
-    row["wall_s_mean"] = float(np.mean([r.wall_seconds for r in res.ok]))
+    for key in ("bytes_up_per_client", "bytes_down_per_client"):
+        values = [x[key] for x in trained if x.get(key) is not None]
+        row[f"{key}_round"] = float(np.mean(values)) if values else None
+    walls = [r.wall_seconds for r in res.ok if r.wall_seconds is not None]
+    row["wall_s_mean"] = float(np.mean(walls)) if walls else None
     if not np.all(np.isfinite(final)):
         row.update(status="diverged", error="non-finite final metric in some seed")
     return row
 
 
+def paired_difference(res: StrategyResult, ref: StrategyResult, metric: str) -> tuple[float | None, float | None]:
+    """Mean and sample std over seeds of final(res, seed) − final(ref, seed), seeds where both ran.
+
+    Runs with the same seed share data split, initial adapter, sampled clients
+    and local batches, so this paired difference is far less noisy than
+    comparing the two seed means (whose std includes the seed-to-seed change
+    of held-out set and partitions).
+    """
+    def finals(r: StrategyResult) -> dict[int, float]:
+        return {run.seed: float(run.rows[-1][metric]) for run in r.ok
+                if run.rows and run.rows[-1].get(metric) is not None}
+
+    a, b = finals(res), finals(ref)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None, None
+    mean, std = mean_std(np.array([a[k] - b[k] for k in common]))
+    return float(mean), float(std)
+
+
 # -- outputs ------------------------------------------------------------------------------
 
 CSV_FIELDS = ["strategy", "status", "params", "seeds_ok", "seeds_total", "metric", "initial_mean",
-              "final_mean", "final_std", "final_values", "best_round", "best_mean",
+              "final_mean", "final_std", "final_values", "final_loss_mean", "final_loss_std", "best_round", "best_mean",
+              "paired_vs", "paired_diff_mean", "paired_diff_std",
               "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_s_mean", "error"]
 
 
@@ -215,8 +247,10 @@ def _kib(v) -> str:
 def markdown(rows: list[dict], *, cfg: fcfg.RunConfig, seeds: list[int], command: str, note: str,
              png_name: str) -> str:
     metric = metric_name(cfg.model.task)
+    ref = next((r["paired_vs"] for r in rows if r.get("paired_vs")), "—")
     label = "accuracy" if higher_is_better(metric) else "held-out loss"
     spec = ".3f" if higher_is_better(metric) else ".4f"
+    loss_head = " final held-out loss |" if metric != "central_loss" else ""
     fed, tr, data = cfg.federation, cfg.train, cfg.data
     lines = [
         "# Strategy comparison", "",
@@ -231,24 +265,35 @@ def markdown(rows: list[dict], *, cfg: fcfg.RunConfig, seeds: list[int], command
         f"Machine: {machine_note()}" + (f". {note}" if note else ""), "",
         f"Final central {label} (global held-out set, {data.max_eval_examples} examples max) after round "
         f"{fed.num_rounds}: mean ± sample std (n − 1) over seeds. Best round: the round whose seed-mean "
-        "is best (0 = the untrained adapter). Bytes: mean per client per round, fp32 payload. "
+        "is best (0 = the untrained adapter). Δ (paired): mean ± std over seeds of this strategy's final value "
+        f"minus {ref}'s at the same seed (same split, sampling and batches, so less noisy). "
+        "Bytes: mean per client per round, fp32 payload. "
         "Wall time: one whole run including Ray start-up, mean over seeds.", "",
-        f"| strategy | params | final {label} | best round ({label}) | up KiB/client/round | "
-        "down KiB/client/round | wall s/run | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| strategy | params | final {label} | Δ vs {ref} (paired) |{loss_head} best round ({label}) | "
+        "up KiB/client/round | down KiB/client/round | wall s/run | seeds |",
+        "|---|---|---:|---:|" + ("---:|" if loss_head else "") + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         params = f"`{r['params']}`" if r["params"] else ""
-        if r["status"] == "failed":
-            lines.append(f"| {r['strategy']} | {params} | failed: {r['error']} | — | — | — | — | "
-                         f"0/{r['seeds_total']} |")
+        if r["status"] in ("failed", "pending"):
+            what = f"failed: {r['error']}" if r["status"] == "failed" else "pending"
+            lines.append(f"| {r['strategy']} | {params} | {what} | — |" + (" — |" if loss_head else "")
+                         + f" — | — | — | — | {r['seeds_ok']}/{r['seeds_total']} |")
             continue
         final = f"{_num(r['final_mean'], spec)} ± {_num(r['final_std'], spec)}"
         if r["status"] != "ok":
             final += f" ({r['status']}: {r['error']})"
-        lines.append(f"| {r['strategy']} | {params} | {final} | {r['best_round']} ({_num(r['best_mean'], spec)}) | "
+        paired = f"{_num(r.get('paired_diff_mean'), '+' + spec)} ± {_num(r.get('paired_diff_std'), spec)}"
+        if r["strategy"] == ref:
+            paired = "(reference)"
+        loss = f" {_num(r['final_loss_mean'], '.4f')} ± {_num(r['final_loss_std'], '.4f')} |" if loss_head else ""
+        best = f"{r['best_round']} ({_num(r['best_mean'], spec)})"
+        lines.append(f"| {r['strategy']} | {params} | {final} | {paired} |{loss} {best} | "
                      f"{_kib(r['bytes_up_per_client_round'])} | {_kib(r['bytes_down_per_client_round'])} | "
                      f"{_num(r['wall_s_mean'], '.0f')} | {r['seeds_ok']}/{r['seeds_total']} |")
+    walls = [r["wall_s_mean"] * r["seeds_ok"] for r in rows if r["wall_s_mean"] is not None]
+    if walls:
+        lines += ["", f"Total wall time of the runs: {sum(walls) / 60:.1f} min (successful runs)."]
     init = [r["initial_mean"] for r in rows if r["initial_mean"] is not None]
     if init:
         lines += ["", f"Round 0 (untrained adapter, same for every strategy at a seed): {label} "
@@ -337,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def effective_params(name: str, given: dict) -> dict:
+    """The strategy's own keyword defaults, overridden by ``given`` (shown in the report)."""
+    from server.federation import COMMON_STRATEGY_ARGS
+    from strategies.registry import parameters, resolve
+
+    defaults = {k: p.default for k, p in parameters(resolve(name)).items()
+                if k not in COMMON_STRATEGY_ARGS and p.default is not p.empty}
+    return {**defaults, **given}
+
+
 def bench_strategies(args, command: str) -> int:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not names or len(set(names)) != len(names):
@@ -357,11 +412,12 @@ def bench_strategies(args, command: str) -> int:
 
     results, configs = [], {}
     for name in names:
-        res = StrategyResult(name=name, params={})
+        res = StrategyResult(name=name, params={}, planned=len(seeds))
         try:
             cfg = fcfg.load(args.config, [*args.set, f"strategy.name={name}", *params[name]])
             res.params = dict(cfg.strategy.params)
             build_strategy(cfg, base_hash="")
+            res.params = effective_params(name, dict(cfg.strategy.params))
             configs[name] = cfg
         except Exception as err:
             res.error = _one_line(err)
@@ -391,6 +447,11 @@ def write_reports(results: list[StrategyResult], *, base: fcfg.RunConfig, seeds:
                   note: str, report_dir: Path) -> list[dict]:
     metric = metric_name(base.model.task)
     rows = [summarize(r, metric) for r in results]
+    ref = next((r for r in results if r.ok), None)  # the first strategy that ran is the reference
+    for row, res in zip(rows, results):
+        row["paired_vs"] = ref.name if ref else ""
+        row["paired_diff_mean"], row["paired_diff_std"] = (
+            paired_difference(res, ref, metric) if ref and res.ok else (None, None))
     write_csv(rows, report_dir / f"{REPORT_NAME}.csv")
     png = report_dir / f"{REPORT_NAME}.png"
     (report_dir / f"{REPORT_NAME}.md").write_text(
@@ -405,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args, command="fedge bench " + shlex.join(argv))
+        # The command as it reproduces the results (--reuse only skips finished runs).
+        return args.fn(args, command="fedge bench " + shlex.join(a for a in argv if a != "--reuse"))
     except fcfg.ConfigError as err:
         print(f"fedge bench: {err}", file=sys.stderr)
         return 2
