@@ -47,6 +47,7 @@ def bytes_table(cfg) -> tuple[list[str], dict]:
 
     base = models.load_base(cfg.model.source, task=cfg.model.task)
     full_fp32 = sum(t.numel() * 4 for t in base.model.parameters())
+    base_params = sum(t.numel() for t in base.model.parameters())  # before LoRA is added
     peft = models.add_lora(base.model, task=cfg.model.task, r=cfg.lora.r, alpha=cfg.lora.alpha,
                            dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
     adapter = models.get_adapter_state(peft)
@@ -61,7 +62,7 @@ def bytes_table(cfg) -> tuple[list[str], dict]:
         ratios[enc] = full_fp32 / up
         lines.append(f"| {enc} | {up:,} | {down:,} | {full_fp32:,} | 1/{full_fp32 / up:.0f} |")
     return lines, {"full_fp32": full_fp32, "adapter_params": sum(v.size for v in adapter.values()),
-                   "base_params": sum(t.numel() for t in base.model.parameters()), "ratios": ratios}
+                   "base_params": base_params, "ratios": ratios}
 
 
 def plain_round(cfg, rnd: int) -> dict:
@@ -134,7 +135,7 @@ def main() -> None:
               "| round | clients | train loss | held-out loss | seconds |", "|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['round']} | {r.get('accepted', '—')} | "
-                     f"{r['train_loss'] if r.get('train_loss') is None else format(r['train_loss'], '.4f')} | "
+                     f"{'—' if r.get('train_loss') is None else format(r['train_loss'], '.4f')} | "
                      f"{r['central_loss']:.4f} | {r['seconds']:.1f} |")
     lines += ["", f"Prompt: {s['sample_prompt']}", "", f"- base: {s['base_answer']}",
               f"- fine-tuned: {s['finetuned_answer']}", ""]
