@@ -226,7 +226,8 @@ def cmd_client(args) -> int:
 
     node = D.start_client(server=args.server, data=args.data, device_id=args.device_id, home=args.home,
                           root_certificates=args.root_certificates, auth_key=args.auth_key,
-                          state_dir=args.state_dir, clientappio_port=args.clientappio_port)
+                          state_dir=args.state_dir, clientappio_port=args.clientappio_port,
+                          trusted_key=args.trusted_key)
     print(f"device {args.device_id}: SuperNode pid {node.pid} connected to {args.server}; logs in {args.home}",
           flush=True)
     try:
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root-certificates", help="the CA certificate (TLS)")
     sp.add_argument("--auth-key", help="this device's private key (SuperNode authentication)")
     sp.add_argument("--state-dir", help="persistent state: model store, DP accountant history")
+    sp.add_argument("--trusted-key", help="the server's artifact-signing public key (fedge keys generate), "
+                                          "pinned at enrolment: deployed models signed by anything else are refused")
     sp.add_argument("--clientappio-port", type=int,
                     help="local port between the SuperNode and its ClientApp processes (Flower's default: 9094); "
                          "set it when several devices share one machine")

@@ -282,7 +282,7 @@ def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[st
 def start_client(*, server: str, data: str | Path, device_id: str, home: str | Path,
                  root_certificates: str | Path | None = None, auth_key: str | Path | None = None,
                  state_dir: str | Path | None = None, clientappio_port: int | None = None,
-                 env: Mapping[str, str] | None = None) -> subprocess.Popen:
+                 env: Mapping[str, str] | None = None, trusted_key: str | Path | None = None) -> subprocess.Popen:
     """``fedge client``: a SuperNode for one device that trains on its own local file.
 
     The node config carries ``data-path`` (this device's JSONL/CSV/Parquet with
@@ -297,6 +297,8 @@ def start_client(*, server: str, data: str | Path, device_id: str, home: str | P
                              NODE_DATA_PATH: str(data)}
     if state_dir is not None:
         nc[NODE_STATE_DIR] = str(Path(state_dir).expanduser().resolve())
+    if trusted_key is not None:  # the server's artifact-signing public key, pinned at enrolment
+        nc[P.NODE_TRUSTED_KEY] = str(Path(trusted_key).expanduser().resolve())
     return start_supernode(superlink=server, home=home, node_config=nc, clientappio_port=clientappio_port,
                            root_certificates=root_certificates, auth_key=auth_key, env=env)
 

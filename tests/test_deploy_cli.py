@@ -52,7 +52,8 @@ def test_operator_commands_run_a_tls_authenticated_federation(tmp_path, tiny_lla
         _fedge("client", "--server", f"127.0.0.1:{port}", "--data", tmp_path / f"shop-{i}.jsonl",
                "--device-id", f"shop-{i}", "--home", tmp_path / f"dev{i}", "--root-certificates",
                tmp_path / "certs" / "ca.crt", "--auth-key", tmp_path / "keys" / f"shop-{i}",
-               "--state-dir", tmp_path / f"state{i}", "--clientappio-port", free_port())
+               "--state-dir", tmp_path / f"state{i}", "--clientappio-port", free_port(),
+               "--trusted-key", tmp_path / "sign" / "fedge.pub")
         for i in range(2)]
     try:
         out, _ = server.communicate(timeout=600)
