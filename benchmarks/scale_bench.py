@@ -68,7 +68,7 @@ def main() -> None:
              f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
              f"`python benchmarks/scale_bench.py --sizes {args.sizes}`. Tiny Llama (hidden 32) "
              f"classifying chatterbot utterances by language, IID partitions, {args.per_round} clients "
-             "sampled per round, 2 local steps, 3 rounds, 2 Ray actors.", "",
+             "sampled per round, 2 local steps, 3 rounds, 2 Ray actors. Run at nice 19 while the test suite ran: timings are upper bounds.", "",
              "| registered clients | wall time (s) | round 1 (s, incl. identity query of all nodes) | "
              "rounds 2-3 (s) | accepted per round | peak RSS, all processes (GiB) | server RSS per round (MiB) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
