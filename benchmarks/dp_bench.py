@@ -121,7 +121,8 @@ def main() -> None:
             rows = utility(Path(tmp), scenario="default", common=(), user_delta="1e-2")
         lines = ["", "## Utility (default scenario: SmolLM2 chat, 8 branches, 3 rounds; central held-out loss)", "",
                  f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
-                 "`python benchmarks/dp_bench.py --causal-only`. Base model + empty adapter: held-out loss 4.659.", "",
+                 "`python benchmarks/dp_bench.py --causal-only` (at nice 19 beside the test suite: wall times are upper "
+                 "bounds). Round 0 (base model + empty adapter) is in each run's metrics.jsonl.", "",
                  "| setting | held-out loss | privacy spent (from the run's ledger) | wall (s) |", "|---|---:|---|---:|"]
         lines += [f"| {r['name']} | {r['loss']:.3f} | {r['eps']} | {r['seconds']:.0f} |" for r in rows]
         with open(args.out, "a") as f:
