@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from strategies.base import DeltaStrategy
-from strategies.krum import check_f, check_clients, krum_scores, pairwise_sq_dists
+from strategies.krum import check_clients, krum_scores, pairwise_sq_dists, tolerate
 from strategies.registry import register
 
 
@@ -42,9 +42,7 @@ class Bulyan(DeltaStrategy):
 
     def __init__(self, *, f: int = 1, **base) -> None:
         super().__init__(**base)
-        self.f = check_f(f)
-        check_clients(self.name, self.clients_per_round, self.f, 4)
-        self.min_replies = max(self.min_replies, 4 * self.f + 3)
+        self.f = tolerate(self, f, 4)
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
         n, f = len(deltas_), self.f

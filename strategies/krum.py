@@ -53,6 +53,14 @@ def check_clients(rule: str, n: int, f: int, factor: int) -> None:
         raise ValueError(f"{rule} needs n >= {factor}f+3 clients: got n={n}, f={f}")
 
 
+def tolerate(strategy: DeltaStrategy, f, factor: int) -> int:
+    """Validate f, refuse clients_per_round < factor·f + 3 and raise min_replies to it; return f."""
+    f = check_f(f)
+    check_clients(strategy.name, strategy.clients_per_round, f, factor)
+    strategy.min_replies = max(strategy.min_replies, factor * f + 3)
+    return f
+
+
 def check_f(f) -> int:
     """f as an int, refusing negatives and non-integers."""
     if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
@@ -76,9 +84,7 @@ class Krum(DeltaStrategy):
 
     def __init__(self, *, f: int = 1, **base) -> None:
         super().__init__(**base)
-        self.f = check_f(f)
-        check_clients(self.name, self.clients_per_round, self.f, 2)
-        self.min_replies = max(self.min_replies, 2 * self.f + 3)
+        self.f = tolerate(self, f, 2)
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
         check_clients(self.name, len(deltas_), self.f, 2)
