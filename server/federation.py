@@ -56,7 +56,7 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
     ul = cfg.privacy.user_level
     if not ul.enabled:
         return inner
-    if cfg.strategy.name in ("scaffold", "fedex-lora", "hetlora"):
+    if not inner.user_level_dp:
         raise strategies.StrategyError(f"privacy.user_level cannot wrap strategy {cfg.strategy.name!r}: "
                                        "its extra records / rank-dependent shapes bypass the clipped, noised mean")
     from fedge.privacy.accounting import user_level_noise_for_epsilon

@@ -79,6 +79,7 @@ class DeltaStrategy(Strategy):
     name = "base"
     paper = ""
     weighted = True  # whether ``aggregate`` uses the example-count weights
+    user_level_dp = True  # whether strategies.dp_user_level.UserLevelDP may wrap it
 
     def __init__(
         self,

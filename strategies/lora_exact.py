@@ -56,6 +56,7 @@ class FedExLoRA(DeltaStrategy):
     """FedEx-LoRA: FedAvg on A and B plus a residual R in the frozen weights (served model = clients' mean)."""
 
     name = "fedex-lora"
+    user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Singhal et al. 2024, arXiv:2410.09432"
 
     def __init__(self, **base) -> None:

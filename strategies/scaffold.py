@@ -52,6 +52,7 @@ class Scaffold(DeltaStrategy):
     """
 
     name = "scaffold"
+    user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Karimireddy et al. 2020, arXiv:1910.06378"
 
     def __init__(self, *, num_clients: int | None = None, server_lr: float = 1.0, **base) -> None:
