@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import secagg
 from clients.runtime import get_runtime, scenario
 from fedge import deltas, lora_fed, models
 from fedge import protocol as P
@@ -158,8 +159,9 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
     """A ClientApp; ``config_path`` pins the scenario (simulation), else the run config decides."""
     app = ClientApp(mods=[skip_expired, *(mods or [])])
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def local_update(msg: Message, context: Context):
+        """Train on A_t; return (Δ after the algorithm's client hooks and user-level clipping,
+        its extra records, metrics, runtime, round config)."""
         t0 = time.perf_counter()
         rt, conf, peft, global_state, pid = _prepare(msg, context, config_path)
         train_ex, _ = rt.examples(pid, _data_path(context))
@@ -177,14 +179,44 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
             s = float(conf[P.CFG_DP_CLIP_NORM])
             delta, norm = clip_update(delta, clip_norm=s)
             metrics[P.M_DP_UNCLIPPED] = float(norm <= s)
+        metrics[P.M_BYTES_DOWN] = sum(deltas.record_bytes(r) for r in msg.content.array_records.values())
+        metrics[P.M_TRAIN_SECONDS] = time.perf_counter() - t0
+        return delta, extra_records, metrics, rt, conf
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        delta, extra_records, metrics, rt, conf = local_update(msg, context)
         encoding = str(conf[P.CFG_ENCODING])
         wire = deltas.to_record(deltas.encode(delta, encoding))
         metrics[P.M_BYTES_UP] = deltas.record_bytes(wire) + sum(
             deltas.record_bytes(r) for r in extra_records.values() if isinstance(r, ArrayRecord))
-        metrics[P.M_BYTES_DOWN] = sum(deltas.record_bytes(r) for r in msg.content.array_records.values())
-        metrics[P.M_TRAIN_SECONDS] = time.perf_counter() - t0
         meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: encoding})
         return Message(RecordDict({P.ARRAYS: wire, P.METRICS: metrics, P.META: meta, **extra_records}), reply_to=msg)
+
+    @app.train("secagg")
+    def train_secure(msg: Message, context: Context) -> Message:
+        """Secure aggregation's stage 3: train, then send only the masked vector (clients/secagg.py).
+
+        Plain metrics carry what the server needs for accounting (DP-SGD σ, q, steps) and
+        timing; the example count, train loss and clipping bit travel inside the masked sum.
+        """
+        delta, extra_records, metrics, rt, conf = local_update(msg, context)
+        if extra_records:
+            raise secagg.SecAggRefused(f"secure aggregation cannot carry {sorted(extra_records)}")
+        sa = msg.content[P.SECAGG]
+        weight = float(metrics[P.M_NUM_EXAMPLES]) if bool(sa[P.SA_WEIGHTED]) else 1.0
+        wire = secagg.masked_vector(msg, context, delta=delta, weight=weight, loss=metrics.get(P.M_TRAIN_LOSS),
+                                    unclipped=float(metrics.get(P.M_DP_UNCLIPPED, 1.0)))
+        public = MetricRecord({k: v for k, v in metrics.items()
+                               if k in (P.M_DP_NOISE, P.M_DP_SAMPLE_RATE, P.M_DP_STEPS, P.M_DP_EPSILON,
+                                        P.M_BYTES_DOWN, P.M_TRAIN_SECONDS)})
+        public[P.M_BYTES_UP] = deltas.record_bytes(wire)
+        meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: "secagg"})
+        return Message(RecordDict({P.ARRAYS: wire, P.METRICS: public, P.META: meta}), reply_to=msg)
+
+    app.query("secagg_setup")(secagg.setup)
+    app.query("secagg_share")(secagg.share_keys)
+    app.query("secagg_unmask")(secagg.unmask)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

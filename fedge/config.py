@@ -167,6 +167,19 @@ class ExportSection(_Section):
     deploy: bool = Field(True, description="Send the artifact to every connected device through Flower.")
 
 
+class SecureAggregationSection(_Section):
+    """SecAgg+ (Bonawitz et al. 2017, Bell et al. 2020): the server learns only the sum of the deltas."""
+
+    enabled: bool = Field(False, description="Mask every client delta; the server unmasks only their sum.")
+    neighbours: int = Field(
+        0, ge=0, description="SecAgg+ graph degree k: each client masks with k others (0 = all: SecAgg).")
+    threshold: float = Field(
+        0.67, gt=0.5, le=1.0, description="Fraction (> 1/2) of a client's share holders needed to rebuild its "
+        "secrets; 1 - threshold of them may drop out.")
+    fraction_bits: int = Field(
+        32, ge=8, le=52, description="Fixed point: Δ·2^f in 64-bit integers (quantisation 2^-f; range 2^(63-f)/m).")
+
+
 class SimulationSection(_Section):
     client_cpus: float = Field(1.0, gt=0, description="CPUs reserved per virtual client (Ray).")
     torch_threads: int = Field(1, ge=1, description="torch threads per virtual client.")
@@ -190,6 +203,7 @@ class RunConfig(_Section):
     strategy: StrategySection = StrategySection()
     privacy: PrivacySection = PrivacySection()
     export: ExportSection = ExportSection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     simulation: SimulationSection = SimulationSection()
     sample_prompt: str = Field(
         "My computer won't turn on.",
@@ -235,6 +249,9 @@ class RunConfig(_Section):
             raise ValueError("strategy fedex-lora serves W0 + s·(B A + R): its residual R is not part of a "
                              "LoRA adapter artifact yet; set export.enabled: false (the run keeps "
                              "adapter/lora_residual.safetensors)")
+        if self.secure_aggregation.enabled and fed.clients_per_round < 3:
+            raise ValueError(f"secure_aggregation needs federation.clients_per_round >= 3 (got "
+                             f"{fed.clients_per_round}): the sum of one or two updates reveals them")
         ul = self.privacy.user_level
         if ul.enabled and ul.delta >= 1.0 / data.num_clients:
             raise ValueError(f"privacy.user_level.delta ({ul.delta:g}) must be < 1/data.num_clients "

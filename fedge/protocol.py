@@ -112,3 +112,43 @@ RUN_SCENARIO = "scenario"  # path or packaged name of the scenario YAML
 RUN_OVERRIDES = "overrides"  # ';'-separated ``a.b=value`` overrides
 RUN_DIR = "run-dir"  # where the ServerApp writes its outputs
 RUN_RESUME = "resume"  # continue the run in run-dir from its last checkpoint
+
+# -- secure aggregation (``secure_aggregation.enabled``; fedge/secagg.py, server/secagg.py) --
+# Four messages per round, each with a ConfigRecord ``SECAGG``:
+#   SA_SETUP_TYPE   server -> sampled:  SA_ROUND_ID, SA_INDEX            reply: SA_C_PK, SA_S_PK
+#   SA_SHARE_TYPE   server -> U2:       SA_NEIGHBOURS, SA_C_PKS, SA_S_PKS, SA_THRESHOLD
+#                                        reply: SA_DST, SA_CIPHERTEXTS (one per neighbour)
+#   SA_TRAIN_TYPE   server -> U3:       ARRAYS + CONFIG as for train, and SA_SRC, SA_CIPHERTEXTS
+#                                        (the shares addressed to this client), SA_FRACTION_BITS,
+#                                        SA_NUM, SA_WEIGHTED
+#                                        reply: ARRAYS {SA_MASKED: uint64 vector}, METRICS, META
+#   SA_UNMASK_TYPE  server -> U4:       SA_SURVIVORS, SA_DROPPED
+#                                        reply: SA_SHARE_OF, SA_SHARE_KIND, SA_SHARES
+# The masked vector is the fixed-point encoding of [w·Δ (tensors in sorted name order,
+# flattened), w, w·train_loss, w·has_loss, unclipped bit] (``SA_SCALARS`` slots).
+SECAGG = "secagg"
+SA_SETUP_TYPE = "query.secagg_setup"
+SA_SHARE_TYPE = "query.secagg_share"
+SA_TRAIN_TYPE = "train.secagg"
+SA_UNMASK_TYPE = "query.secagg_unmask"
+SA_ROUND_ID = "round-id"  # bytes: fresh per round, binds keys and ciphertexts to it
+SA_INDEX = "index"  # int: this client's index 1..n in the round
+SA_C_PK = "c-pk"  # bytes: X25519 public key for share encryption
+SA_S_PK = "s-pk"  # bytes: X25519 public key for pair masks
+SA_NEIGHBOURS = "neighbours"  # list[int]
+SA_C_PKS = "c-pks"  # list[bytes], aligned with SA_NEIGHBOURS
+SA_S_PKS = "s-pks"
+SA_THRESHOLD = "threshold"  # int: Shamir threshold t
+SA_DST = "dst"  # list[int]
+SA_SRC = "src"  # list[int]
+SA_CIPHERTEXTS = "ciphertexts"  # list[bytes]
+SA_FRACTION_BITS = "fraction-bits"  # int f: fixed point x·2^f
+SA_NUM = "num-clients"  # int n: sampled this round (bounds |x| so that the sum cannot wrap)
+SA_WEIGHTED = "weighted"  # bool: weight w = num-examples (else 1)
+SA_MASKED = "masked"
+SA_SCALARS = ("weight", "weighted-loss", "loss-weight", "unclipped")
+SA_SURVIVORS = "survivors"  # list[int]
+SA_DROPPED = "dropped"  # list[int]
+SA_SHARE_OF = "share-of"  # list[int]: whose secret each share is
+SA_SHARE_KIND = "share-kind"  # list[int]: 0 = self-mask seed b, 1 = mask private key s_sk
+SA_SHARES = "shares"  # list[bytes]

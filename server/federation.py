@@ -36,6 +36,7 @@ from fedge.data.tokenize import encode_dataset
 from fedge.train import evaluate, generate
 from fedge.privacy.ledger import ClientDPSGD, PrivacyLedger
 from server import checkpoint
+from server.secagg import SecAggParams, secure_train_round
 
 log = logging.getLogger("fedge.server")
 
@@ -53,6 +54,8 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
                              evaluate_clients_per_round=fed.evaluate_clients_per_round, min_replies=fed.min_replies,
                              encoding=fed.encoding, base_hash=base_hash, max_delta_norm=fed.max_delta_norm,
                              seed=cfg.seed, **cfg.strategy.params)
+    if cfg.secure_aggregation.enabled:
+        _require_secure_rule(inner, cfg.strategy.name)
     ul = cfg.privacy.user_level
     if not ul.enabled:
         return inner
@@ -70,6 +73,24 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
                            target_quantile=ul.target_quantile, clip_lr=ul.clip_lr, count_noise_std=ul.count_noise_std)
     except ValueError as err:
         raise strategies.StrategyError(f"privacy.user_level with strategy {cfg.strategy.name!r}: {err}") from None
+
+
+def _require_secure_rule(inner: strategies.DeltaStrategy, name: str) -> None:
+    """Secure aggregation reveals only Σ w_i Δ_i: refuse rules that need each Δ_i."""
+    from strategies.dp_user_level import _require_mean_rule
+
+    why = None
+    if not inner.secure_aggregation:
+        why = "it needs each client's update (or per-client records), which secure aggregation hides"
+    else:
+        try:
+            _require_mean_rule(inner)
+        except ValueError:
+            why = "its aggregate is not a weighted mean of the deltas"
+    if why:
+        allowed = sorted(n for n, cls in strategies.available().items() if getattr(cls, "secure_aggregation", False))
+        raise strategies.StrategyError(f"secure_aggregation.enabled with strategy {name!r}: {why}; "
+                                       f"strategies that work with it: {allowed}")
 
 
 def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
@@ -228,10 +249,18 @@ def run_federation(
                         extra={"ledger": ledger.to_json()})
         history, start = [], 1
     arrays = deltas.to_record(adapter)
+    sa = cfg.secure_aggregation
+    secure = SecAggParams(neighbours=sa.neighbours, threshold=sa.threshold,
+                          fraction_bits=sa.fraction_bits) if sa.enabled else None
     for rnd in range(start, fed.num_rounds + 1):
         t0 = time.perf_counter()
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid), timeout=fed.round_timeout_s)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        if secure is not None:
+            new_arrays, _ = secure_train_round(grid, strategy, rnd, arrays, train_cfg, params=secure,
+                                               timeout=fed.round_timeout_s)
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
+                                            timeout=fed.round_timeout_s)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
         rep = strategy.report
         if new_arrays is not None:
             arrays = new_arrays
@@ -253,6 +282,7 @@ def run_federation(
             "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
             **privacy_columns(ledger, cfg),
             "failed": rep.sampled - rep.accepted,
+            **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),
             "server_rss_mb": _rss_mb(),
             "seconds": time.perf_counter() - t0,
         }

@@ -6,7 +6,8 @@ fails and how:
 
 * ``exception``: the ClientApp raises (Flower returns an error reply);
 * ``timeout``:   the client hangs past the round timeout (the server cuts it off);
-* ``garbage``:   the reply carries NaN deltas (validation must reject it).
+* ``garbage``:   the reply carries NaN deltas, or a truncated masked vector under
+                 secure aggregation (validation must reject it).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def make_fault_mod(*, rate: float, kinds: tuple[str, ...], seed: int, hang_s: fl
         raise ValueError(f"simulation.fault_kinds: unknown {unknown}; allowed: {list(KINDS)}")
 
     def fault_mod(msg: Message, context: Context, call_next) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN:
+        if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:  # train and train.secagg
             return call_next(msg, context)
         rnd = int(msg.content[P.CONFIG][P.CFG_ROUND])
         pid = int(context.node_config.get(P.NODE_PARTITION_ID, 0))
@@ -48,7 +49,9 @@ def make_fault_mod(*, rate: float, kinds: tuple[str, ...], seed: int, hang_s: fl
             return call_next(msg, context)
         reply = call_next(msg, context)
         wire = deltas.from_record(reply.content[P.ARRAYS])
-        reply.content[P.ARRAYS] = deltas.to_record({k: np.full_like(v, np.nan) for k, v in wire.items()})
+        # NaN deltas; a masked (integer) vector cannot hold NaN, so it loses its last element.
+        reply.content[P.ARRAYS] = deltas.to_record({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v[:-1]
+                                                    for k, v in wire.items()})
         return reply
 
     return fault_mod

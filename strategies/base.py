@@ -55,6 +55,7 @@ class RoundReport:
     train_loss: float | None = None
     delta_norms: list[float] = field(default_factory=list)
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # client name -> reply metrics
+    secure: dict | None = None  # secure aggregation: survivors, dropouts, threshold, overhead bytes
 
 
 class NotEnoughNodes(RuntimeError):
@@ -80,6 +81,9 @@ class DeltaStrategy(Strategy):
     paper = ""
     weighted = True  # whether ``aggregate`` uses the example-count weights
     user_level_dp = True  # whether strategies.dp_user_level.UserLevelDP may wrap it
+    # Whether the rule needs only Σ w_i Δ_i and Σ w_i (so secure aggregation can hide each Δ_i).
+    # Robust rules (median, Krum, ...) and algorithms with extra per-client records set False.
+    secure_aggregation = True
 
     def __init__(
         self,
@@ -226,6 +230,39 @@ class DeltaStrategy(Strategy):
         weights = n_ex / n_ex.sum() if self.weighted else np.full(len(updates), 1.0 / len(updates))
         agg = self.aggregate([u.delta for u in updates], weights)
         self.current = self.server_update(self.current, agg)
+        rep.updated = True
+        return deltas.to_record(self.current), metrics
+
+    def aggregate_secure(self, server_round: int, weighted_sum: dict[str, np.ndarray], *, weight_sum: float,
+                         loss_sum: float, loss_weight: float, unclipped_sum: float, accepted: int,
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A_{t+1} from what secure aggregation reveals: Σ w_i Δ_i, Σ w_i (and summed scalars).
+
+        The weighted mean Σ w_i Δ_i / Σ w_i is what ``aggregate`` computes for the rules that
+        allow secure aggregation; it is checked (finite, norm bound) like a single reply.
+        """
+        rep = self.report
+        rep.accepted = accepted
+        metrics = MetricRecord({"accepted": accepted, "rejected": len(rep.rejected)})
+        if loss_weight > 0:
+            rep.train_loss = loss_sum / loss_weight
+            metrics[P.M_TRAIN_LOSS] = rep.train_loss
+        if accepted < self.min_replies:
+            log.warning("round %d: %d securely aggregated replies < min_replies %d: global adapter kept",
+                        server_round, accepted, self.min_replies)
+            return None, metrics
+        if not (np.isfinite(weight_sum) and weight_sum > 0):
+            log.warning("round %d: secure sum of weights is %r: global adapter kept", server_round, weight_sum)
+            return None, metrics
+        mean = {k: v / weight_sum for k, v in weighted_sum.items()}
+        try:
+            norm = deltas.validate_values(mean, max_norm=self.max_delta_norm)
+        except deltas.InvalidUpdate as err:
+            rep.rejected.append((0, f"secure aggregate: {err}"))
+            log.warning("round %d: secure aggregate rejected: %s: global adapter kept", server_round, err)
+            return None, metrics
+        rep.delta_norms = [norm]
+        self.current = self.server_update(self.current, mean)
         rep.updated = True
         return deltas.to_record(self.current), metrics
 

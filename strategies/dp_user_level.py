@@ -29,6 +29,7 @@ import logging
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedge import deltas
 from fedge import protocol as P
 from fedge.privacy import mechanisms as M
 from fedge.privacy.ledger import RoundReleased
@@ -168,7 +169,15 @@ class UserLevelDP(DeltaStrategy):
         if len(deltas_) > m:
             raise RuntimeError(f"{len(deltas_)} deltas for {m} planned clients: sensitivity bound broken")
         clipped, norms = zip(*(M.clip_update(d, clip_norm=s) for d in deltas_))
-        mean = {k: sum(c[k] for c in clipped) / m for k in deltas_[0]}
+        total = {k: sum(c[k] for c in clipped) for k in deltas_[0]}
+        # Bits recorded by decode_reply (same order as deltas_); else from the norms received.
+        bits = self._bits if len(self._bits) == len(deltas_) else [float(n <= s) for n in norms]
+        return self._release(total, bits)
+
+    def _release(self, clipped_sum: dict[str, np.ndarray], bits: list[float]) -> dict[str, np.ndarray]:
+        """Σ clipped Δ_i / m + N(0, (z_Δ·S/m)²); charge the round; adapt S from the bits."""
+        m, s = self.clients_per_round, self.clip_norm
+        mean = {k: v / m for k, v in clipped_sum.items()}
         std = M.gaussian_noise_std(noise_multiplier=self.delta_noise_multiplier, clip_norm=s, num_clients=m)
         noised = M.add_gaussian_noise(mean, std=std, rng=self._rng)
         self.last_event = RoundReleased(round=self._round, noise_multiplier=self.noise_multiplier,
@@ -176,13 +185,40 @@ class UserLevelDP(DeltaStrategy):
                                         sampling=self.sampling, clip_norm=s)
         self.last_noise_std = std
         if self.adaptive:
-            # Bits recorded by decode_reply (same order as deltas_); else from the norms received.
-            bits = self._bits if len(self._bits) == len(deltas_) else [float(n <= s) for n in norms]
             b = M.noised_unclipped_fraction(bits, count_noise_std=self.count_noise_std, rng=self._rng,
                                             expected_count=m)
             self.clip_norm = M.adaptive_clip_update(s, unclipped_fraction_noised=b,
                                                     target_quantile=self.target_quantile, lr=self.clip_lr)
         return noised
+
+    def aggregate_secure(self, server_round, weighted_sum, *, weight_sum, loss_sum, loss_weight, unclipped_sum,
+                         accepted):
+        """Under secure aggregation the server sees only Σ Δ_i (weights are 1): the clients' own
+        clipping to S is what bounds the sensitivity (it cannot be re-checked here), and the
+        adaptive-clipping bits arrive as their sum."""
+        rep = self.report
+        rep.accepted = accepted
+        metrics = MetricRecord({"accepted": accepted, "rejected": len(rep.rejected)})
+        if accepted > self.clients_per_round:
+            raise RuntimeError(f"{accepted} replies for {self.clients_per_round} planned clients")
+        if accepted < self.min_replies:
+            return None, metrics
+        ones = int(round(unclipped_sum))
+        if not 0 <= ones <= accepted:
+            log.warning("round %d: %r clients report unclipped deltas out of %d: counted as none",
+                        server_round, unclipped_sum, accepted)
+            ones = 0
+        try:
+            deltas.validate_values(weighted_sum, max_norm=None)
+        except deltas.InvalidUpdate as err:
+            log.warning("round %d: secure sum rejected: %s: global adapter kept", server_round, err)
+            return None, metrics
+        noised = self._release(weighted_sum, [1.0] * ones + [0.0] * (accepted - ones))
+        self.current = self.server_update(self.current, noised)
+        rep.updated = True
+        metrics[M_NOISE_STD] = float(self.last_noise_std)
+        metrics[M_NEXT_CLIP_NORM] = float(self.clip_norm)
+        return deltas.to_record(self.current), metrics
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)

@@ -70,6 +70,7 @@ class HetLoRA(DeltaStrategy):
     """
 
     name = "hetlora"
+    secure_aggregation = False  # needs each client's update (or its extra records)
     user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Cho et al. 2024, arXiv:2401.06432"
 

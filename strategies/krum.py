@@ -79,6 +79,7 @@ class Krum(DeltaStrategy):
     """
 
     name = "krum"
+    secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Blanchard et al. 2017, arXiv:1703.02757"
     weighted = False
 
@@ -101,6 +102,7 @@ class MultiKrum(Krum):
     """
 
     name = "multikrum"
+    secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Blanchard et al. 2017, arXiv:1703.02757"
 
     def __init__(self, *, num_selected: int | None = None, **kw) -> None:

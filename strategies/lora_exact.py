@@ -56,6 +56,7 @@ class FedExLoRA(DeltaStrategy):
     """FedEx-LoRA: FedAvg on A and B plus a residual R in the frozen weights (served model = clients' mean)."""
 
     name = "fedex-lora"
+    secure_aggregation = False  # needs each client's update (or its extra records)
     user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Singhal et al. 2024, arXiv:2410.09432"
 

@@ -38,6 +38,7 @@ class NormBounding(FedAvg):
     """
 
     name = "norm-bounding"
+    secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Sun et al. 2019, arXiv:1911.07963"
 
     def __init__(self, *, norm_bound: float = 1.0, **base) -> None:

@@ -52,6 +52,7 @@ class Scaffold(DeltaStrategy):
     """
 
     name = "scaffold"
+    secure_aggregation = False  # needs each client's update (or its extra records)
     user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Karimireddy et al. 2020, arXiv:1910.06378"
 

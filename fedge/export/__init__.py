@@ -2,12 +2,37 @@
 
 Entry points: :func:`fedge.export.artifact.build_artifact` (server side, after the
 last round) and :func:`fedge.export.signing.generate_keypair`. Nothing here loads
-a pickle. Submodules import torch/transformers lazily where they can.
+a pickle. The names below are imported on first use (PEP 562), so that light
+submodules (``fedge.export.llamacpp``, read by the config schema) do not pull in
+torch; submodules import torch/transformers lazily where they can.
 """
 
-from fedge.export.artifact import ArtifactBuildError, artifact_to_arrays, arrays_to_artifact, build_artifact
-from fedge.export.manifest import PrivacySpent, read_manifest
-from fedge.export.signing import generate_keypair, verify_manifest
+from __future__ import annotations
 
-__all__ = ["ArtifactBuildError", "PrivacySpent", "arrays_to_artifact", "artifact_to_arrays", "build_artifact",
-           "generate_keypair", "read_manifest", "verify_manifest"]
+import importlib
+
+_EXPORTS = {
+    "ArtifactBuildError": "fedge.export.artifact",
+    "artifact_to_arrays": "fedge.export.artifact",
+    "arrays_to_artifact": "fedge.export.artifact",
+    "build_artifact": "fedge.export.artifact",
+    "PrivacySpent": "fedge.export.manifest",
+    "read_manifest": "fedge.export.manifest",
+    "generate_keypair": "fedge.export.signing",
+    "verify_manifest": "fedge.export.signing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

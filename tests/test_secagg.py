@@ -1,0 +1,359 @@
+"""Secure aggregation: the math (fedge/secagg.py) and the four-stage protocol between the
+real server code (server/secagg.py) and the real client stage handlers (clients/secagg.py).
+
+The transport here is a loopback grid that hands each message to the node's handler with
+the node's own Flower Context (its secrets live there, as under the simulation engine);
+tests/test_secagg_federation.py runs the same protocol through Flower's simulation engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from scipy import stats
+
+from clients import secagg as C
+from fedge import deltas, protocol as P
+from fedge import secagg as S
+from server.secagg import SecAggParams, secure_train_round
+from strategies import build
+
+SHAPES = {"lora_A": (4, 8), "lora_B": (8, 4)}
+PARAMS = SecAggParams(neighbours=0, threshold=0.67, fraction_bits=32)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class Dropout(RuntimeError):
+    pass
+
+
+class LoopbackGrid:
+    """Nodes 101.. with their own Context; ``fail[(node, message type)]`` makes a node fail there."""
+
+    def __init__(self, client_deltas: list[dict], weights: list[float], fail: set | None = None):
+        self.deltas, self.weights, self.fail = client_deltas, weights, fail or set()
+        self.nodes = [101 + i for i in range(len(client_deltas))]
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in self.nodes}
+        self.masked_seen: dict[int, np.ndarray] = {}
+        self.x_sent: dict[int, np.ndarray] = {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def _handle(self, msg: Message) -> Message:
+        node, kind = int(msg.metadata.dst_node_id), msg.metadata.message_type
+        ctx = self.contexts[node]
+        if (node, kind) in self.fail:
+            raise Dropout(f"node {node} dropped at {kind}")
+        if kind == "query":
+            return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: f"c{node}"})}), reply_to=msg)
+        if kind == P.SA_SETUP_TYPE:
+            return C.setup(msg, ctx)
+        if kind == P.SA_SHARE_TYPE:
+            return C.share_keys(msg, ctx)
+        if kind == P.SA_UNMASK_TYPE:
+            return C.unmask(msg, ctx)
+        assert kind == P.SA_TRAIN_TYPE
+        i = self.nodes.index(node)
+        wire = C.masked_vector(msg, ctx, delta=self.deltas[i], weight=self.weights[i], loss=1.0 + i, unclipped=1.0)
+        self.masked_seen[node] = wire[P.SA_MASKED].numpy()
+        meta = ConfigRecord({P.META_BASE_HASH: "h", P.META_ENCODING: "secagg"})
+        return Message(RecordDict({P.ARRAYS: wire, P.METRICS: MetricRecord({P.M_BYTES_UP: 1}), P.META: meta}),
+                       reply_to=msg)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            try:
+                out.append(self._handle(m))
+            except Dropout:
+                continue  # no reply before the timeout
+            except Exception as err:  # noqa: BLE001 - Flower turns a client exception into an error reply
+                out.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=m))
+        return out
+
+
+def _deltas(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{k: 0.01 * rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(n)]
+
+
+def _run(strategy_name: str, client_deltas, weights, fail=None, params=PARAMS, **kw):
+    current = {k: np.zeros(s) for k, s in SHAPES.items()}
+    strategy = build(strategy_name, clients_per_round=len(client_deltas), min_replies=2, base_hash="h", **kw)
+    grid = LoopbackGrid(client_deltas, weights, fail)
+    arrays, _ = secure_train_round(grid, strategy, 1, deltas.to_record(current), ConfigRecord({}), params=params,
+                                   timeout=10)
+    return strategy, grid, (deltas.from_record(arrays) if arrays is not None else None)
+
+
+def _oracle(client_deltas, weights, keep):
+    w = np.array([weights[i] for i in keep])
+    return {k: sum(wi * client_deltas[i][k] for wi, i in zip(w, keep)) / w.sum() for k in SHAPES}
+
+
+def _assert_close(got, want, n):
+    for k in want:  # truncation error ≤ 2^-f per client and coordinate, before dividing by Σw
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=n * 2.0**-PARAMS.fraction_bits, err_msg=k)
+
+
+# -- the math -------------------------------------------------------------------------------
+
+def test_fixed_point_round_trip_never_grows_a_value_and_refuses_out_of_range():
+    # Prepare
+    x = np.array([0.0, 1e-3, -1e-3, 0.5, -7.25, 1 / 3, -(2.0**-33)])
+    # Execute
+    back = S.decode_fixed(S.encode_fixed(x, fraction_bits=32, max_abs=8.0), fraction_bits=32)
+    # Assert
+    assert np.all(np.abs(back) <= np.abs(x)) and np.max(np.abs(back - x)) < 2.0**-32
+    with pytest.raises(S.SecAggError, match="range"):
+        S.encode_fixed(np.array([9.0]), fraction_bits=32, max_abs=8.0)
+    with pytest.raises(S.SecAggError, match="non-finite"):
+        S.encode_fixed(np.array([np.nan]), fraction_bits=32, max_abs=8.0)
+
+
+def test_sum_of_encoded_values_wraps_back_to_the_signed_sum():
+    rng = np.random.default_rng(1)
+    xs = [rng.uniform(-100, 100, 50) for _ in range(7)]
+    total = sum((S.encode_fixed(x, fraction_bits=32, max_abs=1e3) for x in xs), np.zeros(50, np.uint64))
+    np.testing.assert_allclose(S.decode_fixed(total, fraction_bits=32), sum(xs), atol=7 * 2.0**-32)
+
+
+def test_pair_masks_cancel_and_dropped_masks_are_recomputable():
+    # Prepare: 4 clients on a complete graph, zero inputs
+    rid, n, size = b"r" * 16, 4, 33
+    keys = {i: S.keypair() for i in range(1, n + 1)}
+    seeds = {i: S.new_seed() for i in keys}
+
+    def pair(i, j):
+        return S.agree(keys[i][0], keys[j][1], context=S.pair_context(rid, i, j))
+
+    ys = {i: S.mask(np.zeros(size, np.uint64), self_seed=seeds[i], pair_seeds={j: pair(i, j) for j in keys if j != i},
+                    me=i) for i in keys}
+    # Execute: remove self masks of all; then pretend client 4 dropped after masking nothing
+    total = sum((ys[i] - S.prg(seeds[i], size) for i in keys), np.zeros(size, np.uint64))
+    partial = sum((ys[i] - S.prg(seeds[i], size) for i in (1, 2, 3)), np.zeros(size, np.uint64))
+    fix = S.pair_masks_of_dropped(dropped=4, dropped_private=keys[4][0], public_keys={i: keys[i][1] for i in (1, 2, 3)},
+                                  survivors=[1, 2, 3], round_id=rid, size=size)
+    # Assert
+    assert not total.any()
+    assert not (partial - fix).any()
+
+
+def test_neighbour_graph_is_symmetric_with_the_asked_degree():
+    for n, k in [(10, 4), (10, 3), (7, 6), (30, 8)]:
+        g = S.neighbours(n, k, seed=5)
+        assert all(i not in v for i, v in g.items())
+        assert all(i in g[j] for i, v in g.items() for j in v)
+        degree = n - 1 if k >= n - 1 else 2 * -(-k // 2)
+        assert {len(v) for v in g.values()} == {degree}
+
+
+@pytest.mark.parametrize("holders,fraction,want", [(5, 0.67, 4), (4, 0.67, 3), (10, 0.51, 6), (3, 0.67, 3), (2, 0.6, 2)])
+def test_threshold_is_above_half_of_the_holders(holders, fraction, want):
+    assert S.threshold_for(holders, fraction) == want
+
+
+def test_shamir_rebuilds_from_any_threshold_subset_only():
+    secret = S.new_seed()
+    shares = S.split_secret(secret, threshold=3, holders=5)
+    assert S.combine_secret([shares[4], shares[0], shares[2]]) == secret
+    try:
+        below = S.combine_secret(shares[:2])
+    except S.SecAggError:
+        below = None
+    assert below != secret
+
+
+# -- the protocol --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("neighbours", [0, 4])
+def test_secure_sum_equals_plain_weighted_mean(neighbours):
+    # Prepare
+    ds, w = _deltas(6), [3.0, 1.0, 4.0, 1.0, 5.0, 9.0]
+    params = SecAggParams(neighbours=neighbours, threshold=0.67, fraction_bits=32)
+    # Execute
+    strategy, _, got = _run("fedavg", ds, w, params=params)
+    # Assert
+    _assert_close(got, _oracle(ds, w, range(6)), 6)
+    assert strategy.report.secure["survivors"] == 6 and strategy.report.accepted == 6
+    assert strategy.report.train_loss == pytest.approx(np.average([1.0 + i for i in range(6)], weights=w))
+
+
+@pytest.mark.parametrize("stage", [P.SA_SETUP_TYPE, P.SA_SHARE_TYPE, P.SA_TRAIN_TYPE, P.SA_UNMASK_TYPE])
+def test_one_client_dropping_out_at_any_stage(stage):
+    # Prepare: the 3rd sampled client (node 103) drops out at ``stage``
+    ds, w = _deltas(5, seed=2), [2.0, 1.0, 1.0, 3.0, 1.0]
+    # Execute
+    strategy, _, got = _run("fedavg", ds, w, fail={(103, stage)})
+    # Assert: it still contributes if it dropped only when asked for shares (its y is in the sum)
+    keep = range(5) if stage == P.SA_UNMASK_TYPE else [0, 1, 3, 4]
+    _assert_close(got, _oracle(ds, w, keep), 5)
+    if stage == P.SA_TRAIN_TYPE:
+        assert strategy.report.secure["dropped_after_sharing"] == 1  # its pair masks were rebuilt and removed
+
+
+def test_too_many_dropouts_keep_the_global_adapter():
+    ds, w = _deltas(5), [1.0] * 5
+    strategy, _, got = _run("fedavg", ds, w, fail={(101, P.SA_TRAIN_TYPE), (102, P.SA_TRAIN_TYPE),
+                                                    (103, P.SA_TRAIN_TYPE)})
+    assert got is None and strategy.report.secure["stage_failed"] == "masked input"
+
+
+def test_server_view_of_one_upload_is_indistinguishable_from_random():
+    # Prepare: two rounds in which client 0 sends a strongly structured delta, then all zeros
+    ds = _deltas(4, seed=3)
+    ds[0] = {k: np.full(s, 0.02) for k, s in SHAPES.items()}
+    zeros = [dict(d) for d in ds]
+    zeros[0] = {k: np.zeros(s) for k, s in SHAPES.items()}
+    # Execute
+    _, grid_a, _ = _run("fedavg", ds, [1.0] * 4)
+    _, grid_b, _ = _run("fedavg", zeros, [1.0] * 4)
+    y_a, y_b = grid_a.masked_seen[101], grid_b.masked_seen[101]
+    # Assert: bytes uniform (chi-square), bits balanced, no correlation with the input,
+    # and the upload of a real delta is distributed like the upload of zeros (two-sample KS).
+    for y in (y_a, y_b):
+        counts = np.bincount(y.view(np.uint8), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4
+        bits = np.unpackbits(y.view(np.uint8))
+        assert abs(bits.mean() - 0.5) < 4 * 0.5 / np.sqrt(bits.size)
+    x = S.encode_fixed(np.concatenate([ds[0][k].ravel() for k in sorted(SHAPES)] + [np.array([1.0, 1.0, 1.0, 1.0])]),
+                       fraction_bits=32, max_abs=1e6)
+    assert abs(np.corrcoef(x.astype(np.float64), y_a.astype(np.float64))[0, 1]) < 0.3
+    assert stats.ks_2samp(y_a.astype(np.float64), y_b.astype(np.float64)).pvalue > 1e-3
+    assert not np.array_equal(y_a[:-4], x[:-4])
+
+
+def test_user_level_dp_under_secure_aggregation_noises_the_secure_sum():
+    # Prepare: deltas already clipped by the clients (norm ≤ S)
+    from strategies.dp_user_level import UserLevelDP
+
+    ds = _deltas(5, seed=4)
+    inner = build("fedavg", clients_per_round=5, min_replies=2, base_hash="h")
+    dp = UserLevelDP(inner, noise_multiplier=1e-12, clip_norm=10.0, seed=0)
+    grid = LoopbackGrid(ds, [1.0] * 5)
+    current = {k: np.zeros(s) for k, s in SHAPES.items()}
+    # Execute
+    arrays, metrics = secure_train_round(grid, dp, 1, deltas.to_record(current), ConfigRecord({}), params=PARAMS,
+                                         timeout=10)
+    # Assert: Σ Δ_i / m (m planned), with (negligible) noise; the round is charged to the ledger
+    got = deltas.from_record(arrays)
+    _assert_close(got, {k: sum(d[k] for d in ds) / 5 for k in SHAPES}, 5)
+    assert dp.last_event is not None and dp.last_event.clients_per_round == 5
+
+
+# -- the client's refusals -----------------------------------------------------------------------
+
+def _client_through_stage_3(ctx: Context):
+    """One client (index 1) with a neighbour (index 2) played by the test; returns the round id."""
+    rid = b"x" * 16
+    mk = lambda kind, fields: Message(RecordDict({P.SECAGG: ConfigRecord(fields)}), message_type=kind,  # noqa: E731
+                                      dst_node_id=1)
+    pk = C.setup(mk(P.SA_SETUP_TYPE, {P.SA_ROUND_ID: rid, P.SA_INDEX: 1}), ctx).content[P.SECAGG]
+    other_c, other_s = S.keypair(), S.keypair()
+    shares = C.share_keys(mk(P.SA_SHARE_TYPE, {P.SA_ROUND_ID: rid, P.SA_NEIGHBOURS: [2, 3],
+                                               P.SA_C_PKS: [other_c[1], S.keypair()[1]],
+                                               P.SA_S_PKS: [other_s[1], S.keypair()[1]], P.SA_THRESHOLD: 2}), ctx)
+    assert sorted(shares.content[P.SECAGG][P.SA_DST]) == [2, 3]
+    ct_key = S.agree(other_c[0], bytes(pk[P.SA_C_PK]), context=S.share_context(rid, 2, 1))
+    ct = S.encrypt(ct_key, S.pack_shares(b"b" * 20, b"s" * 20), aad=S.share_context(rid, 2, 1))
+    msg = Message(RecordDict({P.SECAGG: ConfigRecord({P.SA_ROUND_ID: rid, P.SA_SRC: [2], P.SA_CIPHERTEXTS: [ct],
+                                                      P.SA_FRACTION_BITS: 32, P.SA_NUM: 3, P.SA_WEIGHTED: True})}),
+                  message_type=P.SA_TRAIN_TYPE, dst_node_id=1)
+    C.masked_vector(msg, ctx, delta={"a": np.ones(3)}, weight=1.0, loss=None, unclipped=1.0)
+    return rid, mk
+
+
+def test_client_never_reveals_both_secrets_of_one_client_and_answers_once():
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    rid, mk = _client_through_stage_3(ctx)
+    with pytest.raises(C.SecAggRefused, match="both"):
+        C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1, 2], P.SA_DROPPED: [2]}), ctx)
+    reply = C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1, 2], P.SA_DROPPED: []}), ctx)
+    sa = reply.content[P.SECAGG]
+    assert sorted(zip(sa[P.SA_SHARE_OF], sa[P.SA_SHARE_KIND])) == [(1, 0), (2, 0)]
+    with pytest.raises(C.SecAggRefused, match="out of order"):
+        C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1], P.SA_DROPPED: [2]}), ctx)
+
+
+def test_client_refuses_to_unmask_with_fewer_survivors_than_the_threshold():
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    rid, mk = _client_through_stage_3(ctx)
+    with pytest.raises(C.SecAggRefused, match="threshold"):
+        C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1], P.SA_DROPPED: [2]}), ctx)
+
+
+def test_client_refuses_a_tampered_share_and_a_value_out_of_range():
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    rid, mk = _client_through_stage_3(ctx)
+    ctx.state[C.STATE]["stage"] = 2
+    bad = Message(RecordDict({P.SECAGG: ConfigRecord({P.SA_ROUND_ID: rid, P.SA_SRC: [2], P.SA_CIPHERTEXTS: [b"\0" * 60],
+                                                      P.SA_FRACTION_BITS: 32, P.SA_NUM: 3, P.SA_WEIGHTED: True})}),
+                  message_type=P.SA_TRAIN_TYPE, dst_node_id=1)
+    with pytest.raises(S.SecAggError, match="authenticate"):
+        C.masked_vector(bad, ctx, delta={"a": np.ones(3)}, weight=1.0, loss=None, unclipped=1.0)
+    ok = Message(RecordDict({P.SECAGG: ConfigRecord({P.SA_ROUND_ID: rid, P.SA_SRC: [], P.SA_CIPHERTEXTS: [],
+                                                     P.SA_FRACTION_BITS: 40, P.SA_NUM: 3, P.SA_WEIGHTED: True})}),
+                 message_type=P.SA_TRAIN_TYPE, dst_node_id=1)
+    with pytest.raises(S.SecAggError, match="range"):
+        C.masked_vector(ok, ctx, delta={"a": np.full(3, 1e7)}, weight=1.0, loss=None, unclipped=1.0)
+
+
+def test_server_rejects_a_masked_vector_of_the_wrong_length():
+    class Truncating(LoopbackGrid):
+        def _handle(self, msg):
+            reply = super()._handle(msg)
+            if msg.metadata.message_type == P.SA_TRAIN_TYPE and int(msg.metadata.dst_node_id) == 102:
+                y = reply.content[P.ARRAYS][P.SA_MASKED].numpy()
+                reply.content[P.ARRAYS] = deltas.to_record({P.SA_MASKED: y[:-1]})
+            return reply
+
+    ds, w = _deltas(5), [1.0] * 5
+    strategy = build("fedavg", clients_per_round=5, min_replies=2, base_hash="h")
+    current = {k: np.zeros(s) for k, s in SHAPES.items()}
+    arrays, _ = secure_train_round(Truncating(ds, w), strategy, 1, deltas.to_record(current), ConfigRecord({}),
+                                   params=PARAMS, timeout=10)
+    assert any("layout" in why for _, why in strategy.report.rejected)
+    _assert_close(deltas.from_record(arrays), _oracle(ds, w, [0, 2, 3, 4]), 5)
+
+
+# -- refused at config time ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "multikrum", "bulyan", "norm-bounding",
+                                  "scaffold", "fedex-lora", "hetlora"])
+def test_rules_that_need_individual_updates_are_refused_with_secure_aggregation(name):
+    from fedge import config as fcfg
+    from server.federation import build_strategy
+    from strategies import StrategyError
+
+    cfg = fcfg.load("default", [f"strategy.name={name}", "secure_aggregation.enabled=true", "export.enabled=false"])
+    with pytest.raises(StrategyError, match="secure_aggregation.enabled") as err:
+        build_strategy(cfg, base_hash="")
+    assert "fedavg" in str(err.value) and name not in str(err.value).split("work with it:")[1]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa-lora"])
+def test_mean_rules_are_accepted_with_secure_aggregation(name):
+    from fedge import config as fcfg
+    from server.federation import build_strategy
+
+    cfg = fcfg.load("default", [f"strategy.name={name}", "secure_aggregation.enabled=true"])
+    assert build_strategy(cfg, base_hash="").secure_aggregation
+
+
+def test_secure_aggregation_of_fewer_than_three_clients_is_refused():
+    from fedge import config as fcfg
+
+    with pytest.raises(fcfg.ConfigError, match="clients_per_round >= 3"):
+        fcfg.load("default", ["secure_aggregation.enabled=true", "federation.clients_per_round=2",
+                              "federation.min_replies=1"])
+    with pytest.raises(fcfg.ConfigError, match="threshold"):
+        fcfg.load("default", ["secure_aggregation.enabled=true", "secure_aggregation.threshold=0.5"])
