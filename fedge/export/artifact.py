@@ -8,7 +8,11 @@ One directory (see ``fedge.export.manifest`` for the manifest fields)::
         adapter.gguf                llama.cpp LoRA adapter (Llama bases, when representable)
 
     mode "merged" (self-contained; the adapter is merged into the base):
-        model.<T>.gguf              Llama bases: one GGUF per requested type T ∈ F32/F16/Q8_0/Q4_0
+        model.<T>.gguf              Llama bases: one GGUF per requested type T ∈ F32/F16/Q8_0/Q4_1/Q4_0
+                                    (numpy writer) or Q4_K_M/Q5_K_M/Q6_K (llama.cpp's quantizer,
+                                    needs the optional ``llamacpp`` extra; see fedge.export.llamacpp);
+                                    below 8 bits the weights the adapter changed (its
+                                    target_modules) stay Q8_0, or rounding would erase the update
         model.int8.safetensors      "int8" format: int8 weight-only, per-row scales (any model)
         model.safetensors           "fp32" format: merged fp32 weights
         config.json, generation_config.json   for the safetensors formats
@@ -18,9 +22,11 @@ One directory (see ``fedge.export.manifest`` for the manifest fields)::
 
 Formats in "merged" mode default to ``("Q8_0",)`` for Llama models and
 ``("int8",)`` otherwise. The int8 choice for non-Llama backbones (e.g. the MiniLM
-classifier) is a numpy int8 weight-only safetensors file dequantized by the torch
-runtime: no extra dependency, no pickle, ~4× smaller to ship (see
-``fedge.export.merge``); it does not speed up CPU inference.
+classifier) is a numpy int8 weight-only safetensors file: no extra dependency, no
+pickle, ~4× smaller to ship. For a classifier the torch runtime runs its Linear layers
+in int8 (torch dynamic quantization over the file's own int8 weights and scales,
+~3-4× faster on CPU); a causal LM's is dequantized to fp32 (see ``fedge.export.merge``,
+``benchmarks/results/export_classifier.md``).
 
 Versions: strictly increasing per signer. Pass ``version=`` or let
 :func:`next_version` draw the next number from a counter file (default:
@@ -40,7 +46,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedge.export.gguf import MODEL_TYPES, GGUFExportError, write_adapter_gguf, write_model_gguf
+from fedge.export import llamacpp
+from fedge.export.gguf import (MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf,
+                               write_model_gguf)
 from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, sha256_file, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
 from fedge.export.signing import fingerprint, load_private_key, sign_manifest
@@ -144,7 +152,7 @@ def build_artifact(
     base_source : the base model id the run trained on (``fedge.models.load_base`` source).
     private_key : the signer's Ed25519 PEM private key file.
     mode : "adapter" or "merged".
-    formats : merged mode: GGUF types (Llama only) and/or "int8", "fp32".
+    formats : merged mode: GGUF types (Llama only; K-quants need llama_cpp) and/or "int8", "fp32".
     adapter_gguf : adapter mode: also write adapter.gguf (None: when the model is Llama).
     reference_gguf : GGUF whose tokenizer metadata is copied (default model: the packaged one).
     privacy : privacy spent by the run (None: trained without DP, recorded as null).
@@ -159,6 +167,11 @@ def build_artifact(
     if isinstance(privacy, Mapping):
         privacy = PrivacySpent(**privacy)
     key = load_private_key(private_key, password=key_password)
+    if mode == "merged" and formats:
+        try:
+            llamacpp.require(formats)  # before loading anything
+        except llamacpp.LlamaCppMissing as err:
+            raise ArtifactBuildError(str(err)) from None
     if task == "sequence-classification" and num_labels is None:
         num_labels = _num_labels_from_adapter(adapter_dir)
 
@@ -166,7 +179,7 @@ def build_artifact(
     llama = _is_llama(base.model)
     if formats is None:
         formats = ("Q8_0",) if llama else ("int8",)
-    allowed = (MODEL_TYPES if llama else ()) + OTHER_FORMATS
+    allowed = (MODEL_TYPES + llamacpp.QUANT_TYPES if llama else ()) + OTHER_FORMATS
     bad = [f for f in formats if f not in allowed]
     if mode == "merged" and (bad or not formats):
         raise ArtifactBuildError(f"formats {bad or list(formats)} not possible for this model; allowed: {list(allowed)}"
@@ -186,7 +199,8 @@ def build_artifact(
         else:
             merged = merge_lora(peft_model)
             quantization.update(_write_merged(merged, base.tokenizer, tmp, formats=formats,
-                                              reference_gguf=reference_gguf))
+                                              reference_gguf=reference_gguf,
+                                              target_modules=adapter_config.get("target_modules")))
         if version is None:
             if version_file is None and not isinstance(private_key, (str, Path)):
                 raise ArtifactBuildError("pass version= or version_file= when private_key is a key object")
@@ -239,21 +253,39 @@ def _write_adapter(peft_model, tmp: Path, *, base_source: str, llama: bool, adap
     return out
 
 
-def _write_merged(merged, tokenizer, tmp: Path, *, formats, reference_gguf) -> dict[str, str]:
+def _write_merged(merged, tokenizer, tmp: Path, *, formats, reference_gguf, target_modules) -> dict[str, str]:
     out: dict[str, str] = {}
     save_tokenizer_files(tokenizer, tmp)
-    for fmt in dict.fromkeys(formats):
-        if fmt in MODEL_TYPES:
+    gguf_kw = dict(reference_gguf=reference_gguf, tokenizer=tokenizer)
+    # The weights the adapter changed stay Q8_0 in files below 8 bits (fedge.export.gguf).
+    adapted = adapted_tensor_names(merged, target_modules) if any(f in MODEL_TYPES + llamacpp.QUANT_TYPES
+                                                                  for f in formats) else set()
+    scratch: Path | None = None  # F32 source of the K-quants when F32 itself is not shipped
+    try:
+        for fmt in sorted(dict.fromkeys(formats), key=lambda f: f != "F32"):  # F32 first: the K-quants' source
             name = f"model.{fmt}.gguf"
-            write_model_gguf(merged, tmp / name, file_type=fmt, reference_gguf=reference_gguf, tokenizer=tokenizer)
-            out[name] = f"gguf-{fmt}"
-        elif fmt == "int8":
-            merged.config.save_pretrained(tmp)
-            save_int8(merged, tmp / "model.int8.safetensors")
-            out["model.int8.safetensors"] = "int8-rowwise"
-        elif fmt == "fp32":
-            save_merged(merged, tmp)
-            out["model.safetensors"] = "fp32"
+            if fmt in MODEL_TYPES:
+                write_model_gguf(merged, tmp / name, file_type=fmt, adapted=adapted, **gguf_kw)
+                out[name] = f"gguf-{fmt}"
+            elif fmt in llamacpp.QUANT_TYPES:
+                src = tmp / "model.F32.gguf"
+                if not src.exists():
+                    if scratch is None:
+                        scratch = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=f".{tmp.name}.f32-"))
+                        write_model_gguf(merged, scratch / "model.F32.gguf", file_type="F32", **gguf_kw)
+                    src = scratch / "model.F32.gguf"
+                llamacpp.quantize_gguf(src, tmp / name, fmt, adapted=adapted)
+                out[name] = f"gguf-{fmt}"
+            elif fmt == "int8":
+                merged.config.save_pretrained(tmp)
+                save_int8(merged, tmp / "model.int8.safetensors")
+                out["model.int8.safetensors"] = "int8-rowwise"
+            elif fmt == "fp32":
+                save_merged(merged, tmp)
+                out["model.safetensors"] = "fp32"
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 

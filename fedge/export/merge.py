@@ -16,18 +16,37 @@ classifier): every 2-D float tensor whose dimensions are both ≥ 32 is stored a
 
 under ``<name>`` and ``<name>@scale``; every other tensor stays fp32. The file is
 a safetensors file with metadata ``{"format": "int8-rowwise", "format_version": "1"}``
-next to the model's ``config.json``. The torch runtime dequantizes at load
-(W ≈ q · s): transfer and storage shrink ~4×; memory and speed are those of fp32.
-Per-weight error ≤ s/2 = max|row| / 254.
+next to the model's ``config.json``. Per-weight error ≤ s/2 = max|row| / 254.
+
+Loading it (:func:`load_int8_model`), two ways:
+
+* ``int8_linear=False``: every tensor is dequantized (W ≈ q · s) into an fp32 model:
+  transfer and storage shrink ~4×; memory and speed are those of fp32.
+* ``int8_linear=True`` (what the device runtime does for classifiers): every
+  ``nn.Linear`` whose weight is stored int8 becomes a torch dynamic-quantized Linear
+  (``torch.ao.nn.quantized.dynamic.Linear``, qint8, per-row symmetric scales) built
+  from the file's own q and s — no re-quantization, the int8 weights are bit-identical
+  to the file's. Each call quantizes its input per tensor (uint8 asymmetric, 7-bit range
+  on x86/fbgemm) and multiplies in int8 (fbgemm / qnnpack): the extra error over the
+  dequantized model is this activation rounding, and it depends on the whole input
+  tensor (a text's logits move slightly with its batch mates and padding). Embeddings,
+  norms, tensors below ``MIN_DIM`` and tied weights stay fp32. On MiniLM-L6 this is
+  ~3-4× faster on one CPU thread (``benchmarks/results/export_classifier.md``). If the
+  quantized kernels are missing (a torch build without them), the loader warns and
+  keeps the dequantized fp32 model; :func:`int8_linear_names` says which happened.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 INT8_FORMAT = "int8-rowwise"
 SCALE_SUFFIX = "@scale"
@@ -136,15 +155,17 @@ def save_int8(model, path: str | Path) -> Path:
     return path
 
 
-def load_int8_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an int8-rowwise file back into an fp32 state dict."""
+def _read_int8(path: str | Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="np") as f:
         meta = f.metadata() or {}
         if meta.get("format") != INT8_FORMAT:
             raise ValueError(f"{path} is not an {INT8_FORMAT} file (metadata {meta})")
-        raw: Mapping[str, np.ndarray] = {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _dequantized(raw: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     state = {}
     for name, arr in raw.items():
         if name.endswith(SCALE_SUFFIX):
@@ -155,15 +176,74 @@ def load_int8_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_int8_model(model_dir: str | Path, *, file: str = "model.int8.safetensors", task: str):
-    """Build the model from ``config.json`` and load dequantized int8 weights (strict)."""
+def load_int8_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an int8-rowwise file back into an fp32 state dict."""
+    return _dequantized(_read_int8(path))
+
+
+# torch marks its quantized-tensor API deprecated (pytorch/pytorch#184982) but 2.4-2.13 ship
+# it; the warning is silenced here only, and a torch without it falls back (module docstring).
+_DEPRECATED = r".*(quantiz|_empty_affine_quantized).*"
+
+
+def make_int8_linear(q: np.ndarray, s: np.ndarray, bias: torch.Tensor | None) -> torch.nn.Module:
+    """A dynamic-quantized Linear whose int8 weight is exactly ``q`` (out, in) with row scales ``s``."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    q_t = torch.from_numpy(np.ascontiguousarray(q, dtype=np.int8))
+    s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).double()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATED, category=UserWarning)
+        # Re-quantizing q·s with the same scales gives q back; checked, never assumed.
+        w = torch.quantize_per_channel(q_t.float() * s_t.float()[:, None], s_t,
+                                       torch.zeros(len(s_t), dtype=torch.long), 0, torch.qint8)
+        if not torch.equal(w.int_repr(), q_t):
+            raise ValueError("int8 weight changed when packed")
+        lin = nnqd.Linear(q_t.shape[1], q_t.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        lin.set_weight_bias(w, None if bias is None else bias.detach().float().contiguous())
+    return lin
+
+
+def int8_linear_names(model: torch.nn.Module) -> list[str]:
+    """Names of the modules that run as torch dynamic-quantized (int8) Linear."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, DynamicLinear)]
+
+
+def _swap_int8_linear(model: torch.nn.Module, raw: Mapping[str, np.ndarray]) -> int:
+    """Replace every nn.Linear stored as int8 (and not tied) by :func:`make_int8_linear`; return the count."""
+    shared = {}
+    for _, p in model.named_parameters(remove_duplicate=False):  # tied: one tensor, several modules
+        shared[p.data_ptr()] = shared.get(p.data_ptr(), 0) + 1
+    swaps = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            key = f"{name}.weight"
+            if (type(child) is torch.nn.Linear and key + SCALE_SUFFIX in raw
+                    and shared.get(child.weight.data_ptr(), 0) == 1):
+                swaps.append((parent, child_name, make_int8_linear(raw[key], raw[key + SCALE_SUFFIX], child.bias)))
+    for parent, child_name, lin in swaps:
+        setattr(parent, child_name, lin)
+    return len(swaps)
+
+
+def load_int8_model(model_dir: str | Path, *, file: str = "model.int8.safetensors", task: str,
+                    int8_linear: bool = False):
+    """Build the model from ``config.json`` and load the int8 file (strict).
+
+    ``int8_linear``: run the int8-stored Linear layers as torch dynamic-quantized Linear
+    (module docstring); otherwise (or when torch lacks the kernels) dequantize to fp32.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     model = auto.from_config(config, dtype=torch.float32)
-    state = load_int8_state(model_dir / file)
+    raw = _read_int8(model_dir / file)
+    state = _dequantized(raw)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if n.endswith("lm_head.weight") or "decoder.weight" in n}
     missing = [n for n in missing if n not in tied and not n.endswith(("position_ids", "inv_freq"))]
@@ -171,5 +251,12 @@ def load_int8_model(model_dir: str | Path, *, file: str = "model.int8.safetensor
         raise ValueError(f"{file}: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
     if tied:
         model.tie_weights()
+    if int8_linear:
+        try:
+            n = _swap_int8_linear(model, raw)
+            log.info("%s: %d Linear layers run as int8 (torch dynamic quantization, engine %s)",
+                     file, n, torch.backends.quantized.engine)
+        except (AttributeError, RuntimeError, NotImplementedError) as err:  # kernels missing in this torch
+            log.warning("%s: int8 Linear unavailable in this torch (%s); running dequantized fp32", file, err)
     model.eval()
     return model

