@@ -22,13 +22,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients import secagg
-from clients.runtime import get_runtime, scenario
-from fedge import deltas, lora_fed, models
+from fedge import deltas, lora_fed
 from fedge import protocol as P
-from fedge.privacy import dpsgd
 from fedge.privacy.mechanisms import clip_update
-from fedge.train import evaluate as evaluate_model
-from fedge.train import train_local
+
+# torch, transformers and opacus are imported inside the handlers that train or evaluate:
+# Flower starts a fresh process per message on a device, and the identity and secure
+# aggregation queries should not pay for them.
+
+
+def get_runtime(cfg):
+    from clients.runtime import get_runtime as _get
+
+    return _get(cfg)
+
+
+def scenario(name_or_path, overrides=()):
+    from clients.runtime import scenario as _scenario
+
+    return _scenario(name_or_path, tuple(overrides))
 
 
 class BaseMismatch(RuntimeError):
@@ -55,9 +67,25 @@ def _prepare(msg: Message, context: Context, config_path: str | None):
     peft = rt.peft_model(r=r, alpha=alpha, dropout=float(conf[P.CFG_LORA_DROPOUT]),
                          targets=tuple(conf[P.CFG_LORA_TARGETS]))
     global_state = lora_fed.client_view(deltas.from_record(msg.content[P.ARRAYS]), r)  # HetLoRA: truncated
+    from fedge import models
+
     models.set_adapter_state(peft, global_state)
     pid = int(context.node_config.get(P.NODE_PARTITION_ID, 0))
-    return rt, conf, peft, global_state, pid
+    return rt, device_config(conf, context), peft, global_state, pid
+
+
+def device_config(conf: ConfigRecord, context: Context) -> ConfigRecord:
+    """The round config with this device's own capabilities applied (node config
+    ``local-steps`` / ``batch-size``: e.g. a slow till trains fewer steps). DP-SGD's
+    accountant then uses the steps and sampling rate actually taken (reported per client)."""
+    own = {}
+    for key, cfg_key in ((P.NODE_LOCAL_STEPS, P.CFG_LOCAL_STEPS), (P.NODE_BATCH_SIZE, P.CFG_BATCH_SIZE)):
+        if key in context.node_config:
+            value = int(context.node_config[key])
+            if value < 1:
+                raise ValueError(f"node config {key} must be a positive integer, got {value}")
+            own[cfg_key] = value
+    return ConfigRecord({**dict(conf), **own}) if own else conf
 
 
 def _data_path(context: Context) -> str | None:
@@ -82,6 +110,11 @@ def _state_dir(context: Context) -> Path | None:
     return Path(str(root)) / client_name(context) if root else None
 
 
+def _store_dir(context: Context) -> Path:
+    """This device's model store (deployed artifacts)."""
+    return (_state_dir(context) or Path.home() / ".fedge" / client_name(context)) / "models"
+
+
 def _history_file(context: Context) -> Path | None:
     d = _state_dir(context)
     return d / "dp-sgd-history.json" if d else None
@@ -89,6 +122,8 @@ def _history_file(context: Context) -> Path | None:
 
 def _load_history(context: Context):
     """The accountant history: from disk if this node keeps state there (it survives restarts), else Context."""
+    from fedge.privacy import dpsgd
+
     f = _history_file(context)
     if f is not None and f.exists():
         return dpsgd.history_from_config(json.loads(f.read_text()))
@@ -96,6 +131,8 @@ def _load_history(context: Context):
 
 
 def _save_history(context: Context, history) -> None:
+    from fedge.privacy import dpsgd
+
     record = dpsgd.history_to_config(history)
     context.state[DP_HISTORY] = ConfigRecord(record)
     f = _history_file(context)
@@ -108,6 +145,8 @@ def _save_history(context: Context, history) -> None:
 
 def _train_dp_sgd(peft, train_ex, rt, conf, context: Context) -> dict:
     """DP-SGD for this round; the accountant history persists across rounds (and restarts)."""
+    from fedge.privacy import dpsgd
+
     history = _load_history(context)
     steps, delta = int(conf[P.CFG_LOCAL_STEPS]), float(conf[P.CFG_DPSGD_DELTA])
     q = min(1.0, int(conf[P.CFG_BATCH_SIZE]) / len(train_ex))  # expected batch = batch-size
@@ -127,6 +166,8 @@ def _train_dp_sgd(peft, train_ex, rt, conf, context: Context) -> dict:
 
 def _train_round(peft, train_ex, rt, conf, context: Context, seed: int, metrics: MetricRecord) -> None:
     """Local training for one round: DP-SGD when the server asks for it, else AdamW (+ FedProx term)."""
+    from fedge.train import train_local
+
     if P.CFG_DPSGD_DELTA in conf:
         # Record-level DP-SGD; the train loss is not privatised, so it is not sent.
         metrics.update(_train_dp_sgd(peft, train_ex, rt, conf, context))
@@ -157,11 +198,17 @@ def skip_expired(msg: Message, context: Context, call_next) -> Message:
 
 def make_app(config_path: str | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp; ``config_path`` pins the scenario (simulation), else the run config decides."""
-    app = ClientApp(mods=[skip_expired, *(mods or [])])
+    from clients.worker import worker_mod
+
+    # skip_expired first (an expired message is not forwarded), then the device's warm worker
+    # when it has one (deployment), then any test/simulation mods.
+    app = ClientApp(mods=[skip_expired, worker_mod, *(mods or [])])
 
     def local_update(msg: Message, context: Context):
         """Train on A_t; return (Δ after the algorithm's client hooks and user-level clipping,
         its extra records, metrics, runtime, round config)."""
+        from fedge import models
+
         t0 = time.perf_counter()
         rt, conf, peft, global_state, pid = _prepare(msg, context, config_path)
         train_ex, _ = rt.examples(pid, _data_path(context))
@@ -170,7 +217,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
         if _data_path(context):  # devices with their own files all have partition-id 0: add their name
             entropy.append(int.from_bytes(hashlib.sha256(client_name(context).encode()).digest()[:4], "little"))
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-        metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex)})
+        metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex), P.M_LOCAL_STEPS: int(conf[P.CFG_LOCAL_STEPS])})
         with lora_fed.client_round(peft, conf, context, msg.content) as hooks:  # LoRA-aware algorithms' client side
             _train_round(peft, train_ex, rt, conf, context, seed, metrics)
             delta, extra_records = hooks.finish(deltas.compute_delta(models.get_adapter_state(peft), global_state))
@@ -220,6 +267,8 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        from fedge.train import evaluate as evaluate_model
+
         rt, conf, peft, _, pid = _prepare(msg, context, config_path)
         _, held = rt.examples(pid, _data_path(context))
         with lora_fed.residual_applied(peft, lora_fed.message_residual(msg.content)):  # FedEx-LoRA's R
@@ -239,7 +288,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
 
         cfg = _scenario_for(context, config_path)
         rt = get_runtime(cfg)
-        store = (_state_dir(context) or Path.home() / ".fedge" / client_name(context)) / "models"
+        store = _store_dir(context)
         key = context.node_config.get(P.NODE_TRUSTED_KEY) or cfg.signing_key().with_suffix(".pub")
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -253,8 +302,16 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
 
     @app.query()
     def identity(msg: Message, context: Context) -> Message:
-        """The stable name the server samples and orders clients by (node ids change per run)."""
-        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: client_name(context)})}), reply_to=msg)
+        """The stable name the server samples and orders clients by (node ids change per run),
+        and the artifact version installed here (a device that missed a deployment catches up)."""
+        from fedge.runtime.store import current
+
+        try:
+            installed = current(_store_dir(context)) or 0
+        except (OSError, ValueError):
+            installed = 0
+        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: client_name(context),
+                                                             P.ID_INSTALLED: int(installed)})}), reply_to=msg)
 
     return app
 

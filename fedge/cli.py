@@ -227,7 +227,8 @@ def cmd_client(args) -> int:
     node = D.start_client(server=args.server, data=args.data, device_id=args.device_id, home=args.home,
                           root_certificates=args.root_certificates, auth_key=args.auth_key,
                           state_dir=args.state_dir, clientappio_port=args.clientappio_port,
-                          trusted_key=args.trusted_key)
+                          trusted_key=args.trusted_key, local_steps=args.local_steps,
+                          batch_size=args.batch_size, lora_rank=args.lora_rank, worker=not args.no_worker)
     print(f"device {args.device_id}: SuperNode pid {node.pid} connected to {args.server}; logs in {args.home}",
           flush=True)
     try:
@@ -295,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="build a signed artifact from a finished run")
     sp.add_argument("run_dir")
     sp.add_argument("--mode", choices=["adapter", "merged"])
-    sp.add_argument("--formats", help="merged mode, comma-separated: Q8_0,Q4_0,F16,int8,fp32")
+    sp.add_argument("--formats", help="merged mode, comma-separated: F32,F16,Q8_0,Q4_1,Q4_0 (GGUF), Q4_K_M,Q5_K_M,Q6_K "
+                    "(GGUF, llama.cpp quantizer: needs the llamacpp extra), int8, fp32")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_export)
 
@@ -358,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--clientappio-port", type=int,
                     help="local port between the SuperNode and its ClientApp processes (Flower's default: 9094); "
                          "set it when several devices share one machine")
+    sp.add_argument("--local-steps", type=int, help="this device's local steps per round (default: the server's)")
+    sp.add_argument("--batch-size", type=int, help="this device's batch size (default: the server's)")
+    sp.add_argument("--lora-rank", type=int, help="largest LoRA rank this device trains (strategy hetlora)")
+    sp.add_argument("--no-worker", action="store_true",
+                    help="no warm worker: every message loads the model in a fresh process (slower)")
     sp.set_defaults(fn=cmd_client)
 
     sp = sub.add_parser("strategies", help="list the registered aggregation strategies")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TaskType = Literal["causal-lm", "sequence-classification"]
 Encoding = Literal["fp32", "fp16", "int8"]
@@ -160,11 +160,41 @@ class ExportSection(_Section):
         "adapter", description="'adapter': ship only the adapter (devices hold the base); "
         "'merged': merge into the base and quantize (GGUF for Llama models, int8 otherwise).")
     formats: tuple[str, ...] | None = Field(
-        None, description="merged mode: e.g. [Q8_0, Q4_0] (GGUF), int8, fp32 (default: Q8_0 / int8).")
+        None, description="merged mode: GGUF types F32, F16, Q8_0, Q4_1, Q4_0 (Llama models), Q4_K_M, Q5_K_M, "
+        "Q6_K (llama.cpp's quantizer: needs the 'llamacpp' extra), and/or int8, fp32 (default: Q8_0 / int8).")
     private_key: str | None = Field(
         None, description="Ed25519 signing key (fedge keys generate); default <run_root>/keys/fedge.key, "
         "created on first use (a pilot convenience: production operators bring their own).")
     deploy: bool = Field(True, description="Send the artifact to every connected device through Flower.")
+    catch_up: bool = Field(
+        True, description="Each round, send the latest published artifact to connected devices that report an "
+        "older one (devices that were offline at a deployment catch up when they next join a run).")
+    linger_s: float = Field(
+        0.0, ge=0, description="After the final deployment, keep the run open this long and deploy to devices "
+        "that join late (0 = finish at once).")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        from fedge.export.gguf import MODEL_TYPES
+        from fedge.export.llamacpp import QUANT_TYPES
+
+        allowed = (*MODEL_TYPES, *QUANT_TYPES, "int8", "fp32")
+        bad = [f for f in formats or () if f not in allowed]
+        if bad:
+            raise ValueError(f"unknown format(s) {bad}; allowed: {list(allowed)} (GGUF types need a "
+                             "Llama-architecture model)")
+        return formats
+
+    @model_validator(mode="after")
+    def _llamacpp_formats_need_llamacpp(self) -> "ExportSection":
+        # Fail now, not after training: K-quants are made by llama.cpp's quantizer.
+        if self.enabled and self.mode == "merged" and self.formats:
+            from fedge.export import llamacpp
+
+            if any(f in llamacpp.QUANT_TYPES for f in self.formats) and not llamacpp.available():
+                raise ValueError(llamacpp.missing_message(self.formats, field="export.formats"))
+        return self
 
 
 class SecureAggregationSection(_Section):

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from fedge import protocol as P
 NODE_DATA_PATH = P.NODE_DATA_PATH
 NODE_STATE_DIR = P.NODE_STATE_DIR
 FLOWER_PROCESS_NAMES = ("flower-superlink", "flower-supernode", "flwr-clientapp", "flwr-serverapp",
-                        "flower-superexec", "flwr-superexec")
+                        "flower-superexec", "flwr-superexec", "fedge._supernode")
 
 
 class DeployError(RuntimeError):
@@ -176,6 +177,8 @@ def _env(flwr_home: Path | None, extra: Mapping[str, str] | None = None) -> dict
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # SuperExec polls for app tasks every 1 s by default: each message would wait ~0.5 s for it.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.pop("PYTHONPATH", None)  # nothing may shadow the FAB's code
     if flwr_home is not None:
@@ -256,7 +259,8 @@ def format_node_config(node_config: Mapping[str, object]) -> str:
 def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[str, object],
                     clientappio_port: int | None = None, root_certificates: str | Path | None = None,
                     auth_key: str | Path | None = None, insecure: bool | None = None,
-                    max_retries: int | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+                    max_retries: int | None = None, env: Mapping[str, str] | None = None,
+                    worker: bool = True) -> subprocess.Popen:
     """Start ``flower-supernode`` connecting to ``superlink`` (host:port).
 
     TLS iff ``root_certificates`` (the CA file) is given, unless ``insecure`` says otherwise.
@@ -264,7 +268,16 @@ def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[st
     node on one machine). ``home`` holds its FLWR_HOME, neutral working directory and log.
     """
     home = Path(home).resolve()
-    cmd = [_bin("flower-supernode"), "--superlink", superlink,
+    node_config = dict(node_config)
+    worker_args: list[str] = []
+    if worker:  # a warm ClientApp process on the device (clients/worker.py)
+        sock = home / "worker.sock"
+        if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~107 bytes
+            sock = Path(tempfile.mkdtemp(prefix="fedge-")) / "worker.sock"
+        node_config[P.NODE_WORKER_SOCKET] = str(sock)
+        worker_args = ["--fedge-worker", str(sock)]
+    # fedge._supernode = flower-supernode with a 0.5 s idle poll instead of 3 s (see its docstring)
+    cmd = [sys.executable, "-m", "fedge._supernode", "--superlink", superlink,
            "--node-config", format_node_config(node_config)]
     if insecure if insecure is not None else root_certificates is None:
         cmd.append("--insecure")
@@ -276,13 +289,16 @@ def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[st
         cmd += ["--port", str(clientappio_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
-    return _spawn(cmd, cwd=home / "work", env=_env(home / "flwr-home", env), log_path=home / "supernode.log")
+    return _spawn(cmd + worker_args, cwd=home / "work", env=_env(home / "flwr-home", env),
+                  log_path=home / "supernode.log")
 
 
 def start_client(*, server: str, data: str | Path, device_id: str, home: str | Path,
                  root_certificates: str | Path | None = None, auth_key: str | Path | None = None,
                  state_dir: str | Path | None = None, clientappio_port: int | None = None,
-                 env: Mapping[str, str] | None = None, trusted_key: str | Path | None = None) -> subprocess.Popen:
+                 env: Mapping[str, str] | None = None, trusted_key: str | Path | None = None,
+                 local_steps: int | None = None, batch_size: int | None = None,
+                 lora_rank: int | None = None, worker: bool = True) -> subprocess.Popen:
     """``fedge client``: a SuperNode for one device that trains on its own local file.
 
     The node config carries ``data-path`` (this device's JSONL/CSV/Parquet with
@@ -297,10 +313,16 @@ def start_client(*, server: str, data: str | Path, device_id: str, home: str | P
                              NODE_DATA_PATH: str(data)}
     if state_dir is not None:
         nc[NODE_STATE_DIR] = str(Path(state_dir).expanduser().resolve())
+    for key, value in ((P.NODE_LOCAL_STEPS, local_steps), (P.NODE_BATCH_SIZE, batch_size),
+                       (P.NODE_LORA_RANK, lora_rank)):
+        if value is not None:  # this device's capabilities (smaller values for weaker devices)
+            if int(value) < 1:
+                raise DeployError(f"--{key}: must be a positive integer, got {value}")
+            nc[key] = int(value)
     if trusted_key is not None:  # the server's artifact-signing public key, pinned at enrolment
         nc[P.NODE_TRUSTED_KEY] = str(Path(trusted_key).expanduser().resolve())
     return start_supernode(superlink=server, home=home, node_config=nc, clientappio_port=clientappio_port,
-                           root_certificates=root_certificates, auth_key=auth_key, env=env)
+                           root_certificates=root_certificates, auth_key=auth_key, env=env, worker=worker)
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
@@ -454,7 +476,7 @@ def flower_processes(names: Iterable[str] = FLOWER_PROCESS_NAMES) -> list[int]:
             cmd = p.info["cmdline"] or []
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if any(Path(c).name in names for c in cmd[:2]):
+        if any(Path(c).name in names for c in cmd[:3]):  # [python, -m, fedge._supernode] too
             out.append(p.pid)
     return out
 

@@ -146,6 +146,42 @@ def base_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _weights_key(where: Path, task: str) -> str | None:
+    """Identity of a local model directory's weight files: name, size, mtime (None if none)."""
+    files = sorted(f for f in where.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    if not files:
+        return None
+    parts = [str(where.resolve()), task] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def cached_base_hash(model: torch.nn.Module, where: Path | str, task: str, cache_dir: Path | None = None) -> str:
+    """:func:`base_hash`, remembered per weight files (path, size, mtime) in the fedge cache.
+
+    Hashing SmolLM2's 540 MB of tensors costs 1-2 s, and on a device Flower starts a fresh
+    process for every message; the files' identity is checked instead. (Editing the weights
+    in place while keeping size and mtime would go unnoticed: that is tampering with the
+    device itself, which the hash was never meant to detect.)
+    """
+    key = _weights_key(where, task) if isinstance(where, Path) else None
+    if key is None:
+        return base_hash(model)
+    book = (cache_dir or default_cache_dir()) / "base-hashes" / f"{key}.txt"
+    if book.exists():
+        value = book.read_text().strip()
+        if len(value) == 64:
+            return value
+    value = base_hash(model)
+    try:
+        book.parent.mkdir(parents=True, exist_ok=True)
+        tmp = book.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(value)
+        os.replace(tmp, book)
+    except OSError:
+        pass  # a read-only cache only costs the hashing time
+    return value
+
+
 def load_base(
     source: str,
     *,
@@ -187,7 +223,7 @@ def load_base(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Base(model=model, tokenizer=tok, hash=base_hash(model), source=source, task=task)
+    return Base(model=model, tokenizer=tok, hash=cached_base_hash(model, where, task), source=source, task=task)
 
 
 def add_lora(

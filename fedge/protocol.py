@@ -69,6 +69,7 @@ M_EVAL_ACC = "eval-accuracy"  # classification only
 M_BYTES_UP = "bytes-up"  # exact payload bytes of the encoded delta
 M_BYTES_DOWN = "bytes-down"  # exact payload bytes of the global adapter received
 M_TRAIN_SECONDS = "train-seconds"
+M_LOCAL_STEPS = "local-steps"  # steps this client actually took (its node config may lower the server's)
 M_DP_UNCLIPPED = "dp-unclipped"  # 1.0 if ‖Δ‖ ≤ S before clipping (adaptive clipping's bit)
 M_DP_EPSILON = "dp-epsilon"  # client's record-level ε so far (its own accountant)
 M_DP_NOISE = "dp-noise-multiplier"  # σ used this round
@@ -89,6 +90,7 @@ META_LORA_RANK = "lora-rank"  # int, rank of the client's lora_A / lora_B (HetLo
 # -- identity query (server -> every new node, once): reply ConfigRecord ``IDENTITY``
 IDENTITY = "identity"
 ID_CLIENT = "client-id"  # stable name of the client: device-id, else "partition-<id>"
+ID_INSTALLED = "installed-version"  # int: artifact version installed on the device (0 = none)
 
 # -- deploy (server -> every connected node after training), message type ``DEPLOY_TYPE``
 DEPLOY_TYPE = "query.deploy"
@@ -106,6 +108,9 @@ NODE_DATA_PATH = "data-path"  # deployment: this device's own JSONL/CSV/Parquet 
 NODE_STATE_DIR = "state-dir"  # persistent device state (model store, DP accountant history)
 NODE_TRUSTED_KEY = "trusted-key"  # the server's public key pinned at enrolment
 NODE_LORA_RANK = "lora-rank"  # HetLoRA: the largest LoRA rank this device trains (optional)
+NODE_LOCAL_STEPS = "local-steps"  # this device's local steps per round (optional; else the server's)
+NODE_BATCH_SIZE = "batch-size"  # this device's batch size (optional; else the server's)
+NODE_WORKER_SOCKET = "worker-socket"  # Unix socket of the device's warm worker (clients/worker.py)
 
 # -- run config (``flwr run --run-config``) --------------------------------------
 RUN_SCENARIO = "scenario"  # path or packaged name of the scenario YAML

@@ -32,10 +32,12 @@ from fedge import config as fcfg
 from fedge import deltas, lora_fed, models
 from fedge import protocol as P
 from fedge.data import federated_split
+from fedge.messaging import send_and_receive
 from fedge.data.tokenize import encode_dataset
 from fedge.train import evaluate, generate
 from fedge.privacy.ledger import ClientDPSGD, PrivacyLedger
 from server import checkpoint
+from server.deploy import catch_up, linger
 from server.secagg import SecAggParams, secure_train_round
 
 log = logging.getLogger("fedge.server")
@@ -252,20 +254,21 @@ def run_federation(
     sa = cfg.secure_aggregation
     secure = SecAggParams(neighbours=sa.neighbours, threshold=sa.threshold,
                           fraction_bits=sa.fraction_bits) if sa.enabled else None
+    caught_up: set[int] = set()  # nodes already sent the published artifact in this run
     for rnd in range(start, fed.num_rounds + 1):
         t0 = time.perf_counter()
         if secure is not None:
             new_arrays, _ = secure_train_round(grid, strategy, rnd, arrays, train_cfg, params=secure,
                                                timeout=fed.round_timeout_s)
         else:
-            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
-                                            timeout=fed.round_timeout_s)
+            replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, train_cfg, grid),
+                                       timeout=fed.round_timeout_s)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
         rep = strategy.report
         if new_arrays is not None:
             arrays = new_arrays
         eval_msgs = strategy.configure_evaluate(rnd, arrays, train_cfg, grid)
-        local = strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
+        local = strategy.aggregate_evaluate(rnd, send_and_receive(grid, eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
         adapter = deltas.from_record(arrays)
         record_privacy(ledger, strategy, rnd)
         central = ev(adapter, residual=getattr(strategy, "residual", None))
@@ -286,6 +289,11 @@ def run_federation(
             "server_rss_mb": _rss_mb(),
             "seconds": time.perf_counter() - t0,
         }
+        if cfg.export.enabled and cfg.export.deploy and cfg.export.catch_up:
+            # Devices that missed an earlier deployment (offline then) get the published artifact now.
+            caught = catch_up(grid, strategy, cfg, attempted=caught_up, timeout=fed.round_timeout_s)
+            if caught:
+                row["caught_up"] = caught
         history.append(row)
         emit(row)
         checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest,
@@ -318,6 +326,9 @@ def run_federation(
             grid, cfg, run_dir, privacy=summary["privacy"], client_name=strategy.client_name,
             metrics={"central_loss": central["loss"], "central_accuracy": central.get("accuracy")},
             labels=ev.label_names)
+        if cfg.export.deploy and cfg.export.linger_s > 0:
+            summary["deployment"]["late"] = linger(grid, strategy, cfg, seconds=cfg.export.linger_s,
+                                                   timeout=fed.round_timeout_s)
     if cfg.model.task == "causal-lm":
         summary["sample_prompt"] = cfg.sample_prompt
         summary["base_answer"] = ev.answer(cfg.sample_prompt, None)

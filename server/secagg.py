@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedge import deltas
+from fedge.messaging import send_and_receive
 from fedge import protocol as P
 from fedge import secagg as S
 from strategies.base import DeltaStrategy
@@ -47,7 +48,7 @@ class SecAggParams:
 
 def _send(grid: Grid, msgs: list[Message], timeout: float) -> dict[int, Message]:
     """node id -> reply (error replies included)."""
-    return {int(r.metadata.src_node_id): r for r in grid.send_and_receive(msgs, timeout=timeout)}
+    return {int(r.metadata.src_node_id): r for r in send_and_receive(grid, msgs, timeout=timeout)}
 
 
 def _stage(grid, nodes: dict[int, int], fields: dict[int, dict], msg_type: str, timeout: float,

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedge import deltas, protocol as P
+from fedge.messaging import send_and_receive
 
 log = logging.getLogger("fedge.strategy")
 
@@ -112,6 +113,7 @@ class DeltaStrategy(Strategy):
         self.current: dict[str, np.ndarray] | None = None  # A_t, set by configure_train
         self.report = RoundReport()
         self.identities: dict[int, str] = {}  # node id -> stable client name (see ``discover``)
+        self.installed: dict[int, int] = {}  # node id -> artifact version it reported (0 = none)
         # Lifetime of train/evaluate messages (the server sets it to the round timeout): a client
         # that only gets to a message after it expired skips the work instead of delaying later rounds.
         self.message_ttl: float | None = None
@@ -159,10 +161,12 @@ class DeltaStrategy(Strategy):
         if not unknown:
             return
         msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-        for reply in grid.send_and_receive(msgs, timeout=60):
+        for reply in send_and_receive(grid, msgs, timeout=60):
             node = int(reply.metadata.src_node_id)
             if not reply.has_error() and P.IDENTITY in reply.content:
-                self.identities[node] = str(reply.content[P.IDENTITY].get(P.ID_CLIENT, node))
+                ident = reply.content[P.IDENTITY]
+                self.identities[node] = str(ident.get(P.ID_CLIENT, node))
+                self.installed[node] = int(ident.get(P.ID_INSTALLED, 0))
 
     def client_name(self, node: int) -> str:
         return self.identities.get(node, f"node-{node}")

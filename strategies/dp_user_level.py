@@ -93,6 +93,7 @@ class UserLevelDP(DeltaStrategy):
         _require_mean_rule(inner)
         self.inner = inner
         self.identities = inner.identities  # one node -> client-name map, filled by inner.sample
+        self.installed = inner.installed
         self.noise_multiplier = M.positive("noise_multiplier", noise_multiplier)
         self.clip_norm = M.positive("clip_norm", clip_norm)
         self.adaptive = bool(adaptive)

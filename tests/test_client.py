@@ -91,3 +91,44 @@ def test_evaluate_reports_local_heldout(tmp_path, tiny_llama_dir, flower_identit
 def test_scenario_file_is_plain_yaml(tmp_path, tiny_llama_dir):
     _, path = _scenario_file(tmp_path, tiny_llama_dir)
     assert yaml.safe_load(path.read_text())["model"]["source"] == str(tiny_llama_dir)
+
+
+def test_base_hash_is_cached_per_weight_files_and_follows_a_changed_model(tmp_path, monkeypatch):
+    # Prepare: a model directory and an empty fedge cache
+    from fedge import models
+    from tests.conftest import make_tiny_llama
+
+    monkeypatch.setenv("FEDGE_CACHE", str(tmp_path / "cache"))
+    d = make_tiny_llama(tmp_path / "m", seed=3)
+    # Execute: load twice, then replace the weights by another model's
+    first = models.load_base(str(d))
+    again = models.load_base(str(d))
+    make_tiny_llama(tmp_path / "m", seed=4)
+    changed = models.load_base(str(d))
+    # Assert: the cached value is the real hash, and new weight files are hashed afresh
+    assert first.hash == again.hash == models.base_hash(again.model)
+    assert len(list((tmp_path / "cache" / "base-hashes").iterdir())) == 2
+    assert changed.hash == models.base_hash(changed.model) != first.hash
+
+
+def test_device_node_config_sets_its_own_local_steps_and_batch_size(tmp_path, tiny_llama_dir, flower_identity,
+                                                                     torch_one_thread):
+    # Prepare: the server asks for 2 local steps; one device can afford only 1, with batch size 1
+    cfg, path = _scenario_file(tmp_path, tiny_llama_dir)
+    ev = Evaluator(cfg)
+    app = clients.app.make_app(str(path))
+    weak = Context(run_id=1, node_id=7, node_config={P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 3,
+                                                     P.NODE_LOCAL_STEPS: 1, P.NODE_BATCH_SIZE: 1},
+                   state=RecordDict(), run_config={})
+    # Execute
+    full = app(_train_message(cfg, ev), _context(0))
+    light = app(_train_message(cfg, ev), weak)
+    # Assert: each reply says how many steps it took; the lighter round moved the adapter less
+    assert full.content[P.METRICS][P.M_LOCAL_STEPS] == cfg.train.local_steps == 2
+    assert light.content[P.METRICS][P.M_LOCAL_STEPS] == 1
+    norm = lambda r: deltas.l2_norm(deltas.decode(deltas.from_record(r.content[P.ARRAYS]), "fp32"))  # noqa: E731
+    assert 0 < norm(light) < norm(full)
+    bad = Context(run_id=1, node_id=7, node_config={P.NODE_PARTITION_ID: 0, P.NODE_LOCAL_STEPS: 0},
+                  state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="local-steps must be a positive integer"):
+        app(_train_message(cfg, ev), bad)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's C parser when present: ~10x faster
+
 CAUSAL_COLUMNS = ("prompt", "response")
 CLS_COLUMNS = ("text", "label")
 
@@ -33,7 +35,7 @@ def chatterbot_languages() -> list[str]:
 
 
 def _conversations(path: Path) -> list[list[str]]:
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER) or {}
     return [c for c in raw.get("conversations", []) if isinstance(c, list)]
 
 

@@ -27,18 +27,21 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def end_token_id(tokenizer) -> int:
     """The token that ends an answer: ``<|im_end|>`` for ChatML models, else EOS (or SEP)."""
-    if "<|im_end|>" in tokenizer.get_vocab():
-        return int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    # get_vocab() builds a dict of the whole vocabulary (~7 ms for 30k tokens): ask for one token.
+    tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if tid is not None and tid != tokenizer.unk_token_id:
+        return int(tid)
     for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id):
         if tid is not None:
             return int(tid)
     raise ValueError("the tokenizer has no end-of-turn, EOS or SEP token")
 
 
-def encode_chat(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+def encode_chat(tokenizer, prompt: str, response: str, max_length: int, end: int | None = None,
+                ) -> dict[str, list[int]]:
     """One example: prompt ids + response ids + end token; labels only on the response."""
     p = chat_prompt_ids(tokenizer, prompt)
-    end = end_token_id(tokenizer)
+    end = end if end is not None else end_token_id(tokenizer)
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
     # Keep at least a few answer tokens: truncate the prompt from the left if needed.
     keep_answer = min(len(r), max(1, max_length // 2))
@@ -65,7 +68,8 @@ def encode_dataset(tokenizer, ds, *, task: str, max_length: int) -> list[dict]:
     if len(ds) == 0:  # e.g. a one-record client keeps no held-out set
         return []
     if task == "causal-lm":
-        return [encode_chat(tokenizer, p, r, max_length) for p, r in zip(ds["prompt"], ds["response"])]
+        end = end_token_id(tokenizer)
+        return [encode_chat(tokenizer, p, r, max_length, end) for p, r in zip(ds["prompt"], ds["response"])]
     enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
     return [{"input_ids": ids, "label": int(y)} for ids, y in zip(enc["input_ids"], ds["label"])]
 
