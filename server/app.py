@@ -45,8 +45,13 @@ def make_app(
             cfg = fcfg.load(str(rc.get(P.RUN_SCENARIO, "default")), overrides)
         where = run_dir or str(context.run_config.get(P.RUN_DIR, "") or "")
         resume_run = resume or bool(context.run_config.get(P.RUN_RESUME, False))
-        summary = run_federation(grid, cfg, Path(where) if where else new_run_dir(cfg), on_round=on_round,
-                                 resume=resume_run, force=force)
+        try:
+            summary = run_federation(grid, cfg, Path(where) if where else new_run_dir(cfg), on_round=on_round,
+                                     resume=resume_run, force=force)
+        except Exception as err:
+            if result is not None:  # fedge simulate re-raises it after the engine has stopped
+                result["error"] = err
+            raise
         if result is not None:
             result.update(summary)
 

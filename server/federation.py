@@ -296,8 +296,13 @@ def run_federation(
                 row["caught_up"] = caught
         history.append(row)
         emit(row)
-        checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest,
-                        extra={"ledger": ledger.to_json()})
+        try:
+            checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(),
+                            config_digest=digest, extra={"ledger": ledger.to_json()})
+        except OSError as err:  # disk full, say: rounds so far are safe (checkpoints are atomic)
+            raise checkpoint.CheckpointError(
+                f"cannot write the round {rnd} checkpoint in {run_dir}: {err.strerror or err}; rounds up to "
+                f"{rnd - 1} are checkpointed: free space, then resume (fedge simulate --resume {run_dir})") from None
 
     # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
     models.set_adapter_state(ev.model, adapter)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,53 @@ def backend_config(cfg: fcfg.RunConfig) -> dict:
     }
 
 
+def model_sizes(cfg: fcfg.RunConfig) -> tuple[int, int]:
+    """(base parameters, adapter parameters) from the model's config alone (meta device: no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedge.models import resolve_source
+
+    where = resolve_source(cfg.model.source, Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
+    mcfg = AutoConfig.from_pretrained(where)
+    with torch.device("meta"):
+        if cfg.model.task == "causal-lm":
+            model = AutoModelForCausalLM.from_config(mcfg)
+        else:
+            mcfg.num_labels = cfg.model.num_labels or 2
+            model = AutoModelForSequenceClassification.from_config(mcfg)
+    targets = set(cfg.lora.target_modules)
+    lora = sum(cfg.lora.r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets)
+    return sum(p.numel() for p in model.parameters()), lora
+
+
+def disk_needed(cfg: fcfg.RunConfig) -> tuple[int, str]:
+    """Bytes a run writes (with a 1.5x margin), and how that was counted.
+
+    Checkpoints: the adapter plus up to two optimiser moments, ``checkpoint.KEEP`` + 1 at a
+    time; the final adapter; the artifact (adapter: safetensors + GGUF; merged: the fp32
+    merge plus each format) once on the server and once per simulated device's store.
+    """
+    from server.checkpoint import KEEP
+
+    base, lora = model_sizes(cfg)
+    adapter = 4 * lora
+    if cfg.export.enabled and cfg.export.mode == "merged":
+        bits = {"F32": 32, "fp32": 32, "F16": 16, "int8": 8, "Q8_0": 8.5, "Q6_K": 8.2, "Q5_K_M": 6.8,
+                "Q4_K_M": 6.5, "Q4_1": 6.1, "Q4_0": 5.8}
+        artifact = int(base * sum(bits.get(f, 32) for f in (cfg.export.formats or ("Q8_0",))) / 8) + 4 * base
+    elif cfg.export.enabled:
+        artifact = 2 * adapter
+    else:
+        artifact = 0
+    devices = cfg.data.num_clients if cfg.export.enabled and cfg.export.deploy else 0
+    need = 3 * adapter * (KEEP + 1) + adapter + artifact * (1 + devices)
+    how = (f"adapter {adapter / 2**20:.1f} MiB x {3 * (KEEP + 1) + 1} (checkpoints with optimiser state, final), "
+           f"artifact {artifact / 2**20:.1f} MiB x {1 + devices} (server + {devices} simulated devices)")
+    return int(1.5 * need), how
+
+
 def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force: bool = False) -> None:
     """Fail before any runtime starts: unwritable run dir, bad data or strategy settings."""
     from clients.runtime import data_args
@@ -44,6 +92,11 @@ def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force
         probe.unlink()
     except OSError as err:
         raise fcfg.ConfigError(f"run directory {run_dir} is not writable: {err}") from None
+    need, how = disk_needed(cfg)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise fcfg.ConfigError(f"not enough free disk space for this run in {run_dir}: about "
+                               f"{need / 2**20:,.0f} MiB needed ({how}, 1.5x margin), {free / 2**20:,.0f} MiB free")
     build_strategy(cfg, base_hash="")
     if resume:
         from server import checkpoint
@@ -100,6 +153,8 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
         backend_config=backend_config(cfg),
         verbose_logging=verbose,
     )
+    if "error" in result:
+        raise result["error"]
     if not result:
         raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
     return result
