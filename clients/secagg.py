@@ -36,6 +36,16 @@ def _state(context: Context, round_id: bytes) -> ConfigRecord:
     return st
 
 
+def _at_stage(msg: Message, context: Context, stage: int, refusal: str):
+    """(config, round id, state, my index) if this client finished ``stage``; else refuse."""
+    conf = msg.content[P.SECAGG]
+    rid = bytes(conf[P.SA_ROUND_ID])
+    st = _state(context, rid)
+    if int(st["stage"]) != stage:
+        raise SecAggRefused(f"secure aggregation: {refusal}")
+    return conf, rid, st, int(st[P.SA_INDEX])
+
+
 def _reply(msg: Message, fields: dict) -> Message:
     return Message(RecordDict({P.SECAGG: ConfigRecord(fields)}), reply_to=msg)
 
@@ -85,12 +95,7 @@ def share_keys(msg: Message, context: Context) -> Message:
 def masked_vector(msg: Message, context: Context, *, delta: dict[str, np.ndarray], weight: float,
                   loss: float | None, unclipped: float) -> ArrayRecord:
     """Stage 3 (after local training): y = fixed([w·Δ, w, w·loss, w·has_loss, bit]) + masks."""
-    conf = msg.content[P.SECAGG]
-    rid = bytes(conf[P.SA_ROUND_ID])
-    st = _state(context, rid)
-    if int(st["stage"]) != 2:
-        raise SecAggRefused("secure aggregation: train message out of order")
-    me = int(st[P.SA_INDEX])
+    conf, rid, st, me = _at_stage(msg, context, 2, "train message out of order")
     srcs = [int(j) for j in conf[P.SA_SRC]]
     pk_c = dict(zip([int(j) for j in st["nbr"]], [bytes(x) for x in st["nbr-c-pk"]]))
     pk_s = dict(zip([int(j) for j in st["nbr"]], [bytes(x) for x in st["nbr-s-pk"]]))
@@ -113,12 +118,7 @@ def masked_vector(msg: Message, context: Context, *, delta: dict[str, np.ndarray
 
 def unmask(msg: Message, context: Context) -> Message:
     """Stage 4: b shares of survivors, s_sk shares of dropped neighbours; never both for one client."""
-    conf = msg.content[P.SECAGG]
-    rid = bytes(conf[P.SA_ROUND_ID])
-    st = _state(context, rid)
-    if int(st["stage"]) != 3:
-        raise SecAggRefused("secure aggregation: unmask request out of order (or repeated)")
-    me = int(st[P.SA_INDEX])
+    conf, rid, st, me = _at_stage(msg, context, 3, "unmask request out of order (or repeated)")
     survivors = {int(j) for j in conf[P.SA_SURVIVORS]}
     dropped = {int(j) for j in conf[P.SA_DROPPED]}
     if survivors & dropped:

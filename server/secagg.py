@@ -93,11 +93,11 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
                      timeout, ttl)
     pks: dict[int, tuple[bytes, bytes]] = {}
     for i in nodes:
-        r = replies.get(i)
-        if r is None or r.has_error() or P.SECAGG not in r.content:
-            drop(i, f"setup: {r.error.reason if r is not None and r.has_error() else 'no reply'}")
+        sa = _record(replies.get(i))
+        if isinstance(sa, str):
+            drop(i, f"setup: {sa}")
             continue
-        c, s = bytes(r.content[P.SECAGG].get(P.SA_C_PK, b"")), bytes(r.content[P.SECAGG].get(P.SA_S_PK, b""))
+        c, s = bytes(sa.get(P.SA_C_PK, b"")), bytes(sa.get(P.SA_S_PK, b""))
         if len(c) != 32 or len(s) != 32:
             drop(i, "setup: public keys are not 32-byte X25519 keys")
             continue
@@ -114,11 +114,10 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
     replies = _stage(grid, {i: nodes[i] for i in u2}, fields, P.SA_SHARE_TYPE, timeout, ttl)
     cts: dict[int, dict[int, bytes]] = {}
     for i in u2:
-        r = replies.get(i)
-        if r is None or r.has_error() or P.SECAGG not in r.content:
-            drop(i, f"share keys: {r.error.reason if r is not None and r.has_error() else 'no reply'}")
+        sa = _record(replies.get(i))
+        if isinstance(sa, str):
+            drop(i, f"share keys: {sa}")
             continue
-        sa = r.content[P.SECAGG]
         dst, blobs = [int(j) for j in sa.get(P.SA_DST, [])], [bytes(b) for b in sa.get(P.SA_CIPHERTEXTS, [])]
         if sorted(dst) != nbrs[i] or len(blobs) != len(dst):
             drop(i, "share keys: not exactly one ciphertext per neighbour")
@@ -157,12 +156,10 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
     s_shares: dict[int, list[bytes]] = {j: [] for j in dropped}
     answered = 0
     for i in u4:
-        r = replies.get(i)
-        if r is None or r.has_error() or P.SECAGG not in r.content:
-            log.warning("round %d: client %d gave no shares: %s", server_round, i,
-                        r.error.reason if r is not None and r.has_error() else "no reply")
+        sa = _record(replies.get(i))
+        if isinstance(sa, str):
+            log.warning("round %d: client %d gave no shares: %s", server_round, i, sa)
             continue
-        sa = r.content[P.SECAGG]
         answered += 1
         for j, kind, share in zip(sa.get(P.SA_SHARE_OF, []), sa.get(P.SA_SHARE_KIND, []), sa.get(P.SA_SHARES, [])):
             target = b_shares if int(kind) == 0 else s_shares
@@ -201,6 +198,15 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
     return strategy.aggregate_secure(server_round, sums, weight_sum=scal["weight"],
                                      loss_sum=scal["weighted-loss"], loss_weight=scal["loss-weight"],
                                      unclipped_sum=scal["unclipped"], accepted=len(u4))
+
+
+def _record(r: Message | None) -> ConfigRecord | str:
+    """A stage reply's secure-aggregation record, or why there is none."""
+    if r is None:
+        return "no reply"
+    if r.has_error():
+        return r.error.reason
+    return r.content[P.SECAGG] if P.SECAGG in r.content else "reply has no secagg record"
 
 
 def _masked_reply(r: Message | None, base_hash: str, size: int) -> tuple[np.ndarray, dict]:
