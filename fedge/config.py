@@ -166,9 +166,10 @@ class ExportSection(_Section):
         None, description="Ed25519 signing key (fedge keys generate); default <run_root>/keys/fedge.key, "
         "created on first use (a pilot convenience: production operators bring their own).")
     deploy: bool = Field(True, description="Send the artifact to every connected device through Flower.")
-    catch_up: bool = Field(
-        True, description="Each round, send the latest published artifact to connected devices that report an "
-        "older one (devices that were offline at a deployment catch up when they next join a run).")
+    catch_up: bool | None = Field(
+        None, description="Each round, send the latest published artifact to connected devices that report an "
+        "older one (devices that were offline at a deployment catch up when they next join a run). Default: on "
+        "for deployments; off in `fedge simulate`, whose virtual devices start empty in every run.")
     linger_s: float = Field(
         0.0, ge=0, description="After the final deployment, keep the run open this long and deploy to devices "
         "that join late (0 = finish at once).")

@@ -289,7 +289,7 @@ def run_federation(
             "server_rss_mb": _rss_mb(),
             "seconds": time.perf_counter() - t0,
         }
-        if cfg.export.enabled and cfg.export.deploy and cfg.export.catch_up:
+        if cfg.export.enabled and cfg.export.deploy and cfg.export.catch_up is not False:
             # Devices that missed an earlier deployment (offline then) get the published artifact now.
             caught = catch_up(grid, strategy, cfg, attempted=caught_up, timeout=fed.round_timeout_s)
             if caught:

@@ -174,6 +174,10 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
         # Ray workers may run elsewhere: pin the signing key (and so the devices' trusted key) absolutely.
         key = str(cfg.signing_key().resolve())
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"private_key": key})})
+    if cfg.export.catch_up is None and not resume:
+        # Virtual devices start empty in every run: pushing the last run's artifact to them is
+        # work without a purpose (and couples runs); ask for it with export.catch_up: true.
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"catch_up": False})})
     preflight(cfg, run_dir, resume=resume, force=force)
     config_file = run_dir / "config.yaml"  # the clients read the scenario from here
     config_file.write_text(fcfg.dump_yaml(cfg))

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_devices_behind_the_published_artifact_catch_up_in_the_next_run(tmp_path, tiny_llama_dir):
     # Prepare: one server (one run root: one signing key, one published artifact)
     over = tiny_scenario_overrides(tiny_llama_dir) + [f"run_root={tmp_path / 'runs'}", "federation.num_rounds=2",
-                                                      "federation.evaluate_clients_per_round=0"]
+                                                      "federation.evaluate_clients_per_round=0", "export.catch_up=true"]
     cfg = fcfg.load("default", over)
     simulate(cfg, tmp_path / "runs" / "first")
     first = json.loads((tmp_path / "runs" / "first" / "deployment.json").read_text())

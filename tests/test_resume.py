@@ -29,19 +29,21 @@ def _metrics(run_dir):
     return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
 
 
-def _overrides(model_dir):
-    return [x for o in tiny_scenario_overrides(model_dir) + ["federation.num_rounds=3", "strategy.name=fedadam"]
+def _overrides(model_dir, run_root):
+    return [x for o in tiny_scenario_overrides(model_dir) + ["federation.num_rounds=3", "strategy.name=fedadam",
+                                                             f"run_root={run_root}"]
             for x in ("--set", o)]
 
 
 def test_sigkill_mid_round_then_resume_is_bitwise_identical(tmp_path, tiny_llama_dir):
     # Prepare: an uninterrupted reference run (FedAdam: the strategy carries state across rounds)
     ref, broken = tmp_path / "ref", tmp_path / "broken"
-    p = _cli(*_overrides(tiny_llama_dir), "--run-dir", str(ref))
+    p = _cli(*_overrides(tiny_llama_dir, tmp_path / "ref-root"), "--run-dir", str(ref))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     # Execute: the same run, SIGKILLed once round 2 has started, then resumed
-    p = _cli(*_overrides(tiny_llama_dir), "--run-dir", str(broken), start_new_session=True)
+    p = _cli(*_overrides(tiny_llama_dir, tmp_path / "broken-root"), "--run-dir", str(broken),
+             start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not (broken / "checkpoints" / "round-0001").exists():
         time.sleep(0.2)

@@ -26,10 +26,11 @@ Loading it (:func:`load_int8_model`), two ways:
   ``nn.Linear`` whose weight is stored int8 becomes a torch dynamic-quantized Linear
   (``torch.ao.nn.quantized.dynamic.Linear``, qint8, per-row symmetric scales) built
   from the file's own q and s — no re-quantization, the int8 weights are bit-identical
-  to the file's. Each call quantizes its input per tensor (uint8 asymmetric, 7-bit range
-  on x86/fbgemm) and multiplies in int8 (fbgemm / qnnpack): the extra error over the
-  dequantized model is this activation rounding, and it depends on the whole input
-  tensor (a text's logits move slightly with its batch mates and padding). Embeddings,
+  to the file's. Each call quantizes its input per tensor (uint8 asymmetric: the full
+  8 bits on x86 CPUs with AVX512-VNNI, else torch's default 7, see
+  :func:`full_range_activations`) and multiplies in int8 (fbgemm / qnnpack): the extra
+  error over the dequantized model is this activation rounding, and it depends on the
+  whole input tensor (a text's logits move slightly with its batch mates and padding). Embeddings,
   norms, tensors below ``MIN_DIM`` and tied weights stay fp32. On MiniLM-L6 this is
   ~3-4× faster on one CPU thread (``benchmarks/results/export_classifier.md``). If the
   quantized kernels are missing (a torch build without them), the loader warns and
@@ -38,6 +39,7 @@ Loading it (:func:`load_int8_model`), two ways:
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -186,10 +188,51 @@ def load_int8_state(path: str | Path) -> dict[str, torch.Tensor]:
 _DEPRECATED = r".*(quantiz|_empty_affine_quantized).*"
 
 
-def make_int8_linear(q: np.ndarray, s: np.ndarray, bias: torch.Tensor | None) -> torch.nn.Module:
-    """A dynamic-quantized Linear whose int8 weight is exactly ``q`` (out, in) with row scales ``s``."""
+def full_range_activations() -> bool:
+    """Whether int8 Linear may quantize its inputs to the full 8 bits (else 7, torch's default).
+
+    fbgemm multiplies uint8 activations by int8 weights; without AVX512-VNNI it sums pairs of
+    products in int16 (``vpmaddubsw``), which saturates unless the activations keep 7 bits.
+    With VNNI (``vpdpbusd``, int32 sums) the full range is exact, and halves the activation
+    rounding. Other engines (qnnpack, onednn) keep torch's default.
+    """
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return False
+    try:
+        return bool(torch.cpu._is_vnni_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def _int8_linear_class():
     import torch.ao.nn.quantized.dynamic as nnqd
 
+    class Int8Linear(nnqd.Linear):
+        """``torch.ao.nn.quantized.dynamic.Linear`` (qint8) with the activation range chosen at load."""
+
+        reduce_range: bool = True  # 7-bit activations (torch's default for this module)
+
+        def forward(self, x):
+            y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
+                                                   reduce_range=self.reduce_range)
+            return y.to(x.dtype)
+
+        def _get_name(self):
+            return "Int8Linear"
+
+        def extra_repr(self):
+            return super().extra_repr() + f", activations={'7' if self.reduce_range else '8'}-bit"
+
+    return Int8Linear
+
+
+def make_int8_linear(q: np.ndarray, s: np.ndarray, bias: torch.Tensor | None, *,
+                     reduce_range: bool | None = None) -> torch.nn.Module:
+    """A dynamic-quantized Linear whose int8 weight is exactly ``q`` (out, in) with row scales ``s``.
+
+    ``reduce_range``: 7-bit activations (None: unless :func:`full_range_activations`).
+    """
     q_t = torch.from_numpy(np.ascontiguousarray(q, dtype=np.int8))
     s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).double()
     with warnings.catch_warnings():
@@ -199,8 +242,9 @@ def make_int8_linear(q: np.ndarray, s: np.ndarray, bias: torch.Tensor | None) ->
                                        torch.zeros(len(s_t), dtype=torch.long), 0, torch.qint8)
         if not torch.equal(w.int_repr(), q_t):
             raise ValueError("int8 weight changed when packed")
-        lin = nnqd.Linear(q_t.shape[1], q_t.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        lin = _int8_linear_class()(q_t.shape[1], q_t.shape[0], bias_=bias is not None, dtype=torch.qint8)
         lin.set_weight_bias(w, None if bias is None else bias.detach().float().contiguous())
+    lin.reduce_range = (not full_range_activations()) if reduce_range is None else bool(reduce_range)
     return lin
 
 
@@ -211,7 +255,7 @@ def int8_linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, DynamicLinear)]
 
 
-def _swap_int8_linear(model: torch.nn.Module, raw: Mapping[str, np.ndarray]) -> int:
+def _swap_int8_linear(model: torch.nn.Module, raw: Mapping[str, np.ndarray], reduce_range: bool) -> int:
     """Replace every nn.Linear stored as int8 (and not tied) by :func:`make_int8_linear`; return the count."""
     shared = {}
     for _, p in model.named_parameters(remove_duplicate=False):  # tied: one tensor, several modules
@@ -223,7 +267,8 @@ def _swap_int8_linear(model: torch.nn.Module, raw: Mapping[str, np.ndarray]) -> 
             key = f"{name}.weight"
             if (type(child) is torch.nn.Linear and key + SCALE_SUFFIX in raw
                     and shared.get(child.weight.data_ptr(), 0) == 1):
-                swaps.append((parent, child_name, make_int8_linear(raw[key], raw[key + SCALE_SUFFIX], child.bias)))
+                swaps.append((parent, child_name, make_int8_linear(raw[key], raw[key + SCALE_SUFFIX], child.bias,
+                                                                  reduce_range=reduce_range)))
     for parent, child_name, lin in swaps:
         setattr(parent, child_name, lin)
     return len(swaps)
@@ -253,10 +298,11 @@ def load_int8_model(model_dir: str | Path, *, file: str = "model.int8.safetensor
         model.tie_weights()
     if int8_linear:
         try:
-            n = _swap_int8_linear(model, raw)
-            log.info("%s: %d Linear layers run as int8 (torch dynamic quantization, engine %s)",
-                     file, n, torch.backends.quantized.engine)
-        except (AttributeError, RuntimeError, NotImplementedError) as err:  # kernels missing in this torch
+            reduce_range = not full_range_activations()
+            n = _swap_int8_linear(model, raw, reduce_range)
+            log.info("%s: %d Linear layers run as int8 (torch dynamic quantization, engine %s, %d-bit activations)",
+                     file, n, torch.backends.quantized.engine, 7 if reduce_range else 8)
+        except (ImportError, AttributeError, RuntimeError, NotImplementedError) as err:  # no kernels
             log.warning("%s: int8 Linear unavailable in this torch (%s); running dequantized fp32", file, err)
     model.eval()
     return model

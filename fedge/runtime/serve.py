@@ -162,8 +162,8 @@ def serve(store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, *
     """Load the store's current model and serve it until interrupted (blocking)."""
     model = load_installed(store_dir, **load_kwargs)
     server = make_server(model, host=host, port=port)
-    log.info("serving %s (%s, %s backend) on http://%s:%d", model.name, model.task, model.backend,
-             *server.server_address[:2])
+    log.info("serving %s (%s, %s backend%s) on http://%s:%d", model.name, model.task, model.backend,
+             f", {model.compute} compute" if model.compute else "", *server.server_address[:2])
     try:
         server.serve_forever()
     except KeyboardInterrupt:
