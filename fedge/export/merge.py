@@ -250,8 +250,10 @@ def make_int8_linear(q: np.ndarray, s: np.ndarray, bias: torch.Tensor | None, *,
 
 def int8_linear_names(model: torch.nn.Module) -> list[str]:
     """Names of the modules that run as torch dynamic-quantized (int8) Linear."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    except ImportError:  # a torch without quantized modules: nothing can be int8
+        return []
     return [n for n, m in model.named_modules() if isinstance(m, DynamicLinear)]
 
 
