@@ -255,20 +255,27 @@ class DeltaStrategy(Strategy):
             log.warning("round %d: %d securely aggregated replies < min_replies %d: global adapter kept",
                         server_round, accepted, self.min_replies)
             return None, metrics
-        if not (np.isfinite(weight_sum) and weight_sum > 0):
-            log.warning("round %d: secure sum of weights is %r: global adapter kept", server_round, weight_sum)
-            return None, metrics
-        mean = {k: v / weight_sum for k, v in weighted_sum.items()}
         try:
-            norm = deltas.validate_values(mean, max_norm=self.max_delta_norm)
+            step = self.secure_step(weighted_sum, weight_sum=weight_sum, unclipped_sum=unclipped_sum,
+                                    accepted=accepted)
         except deltas.InvalidUpdate as err:
             rep.rejected.append((0, f"secure aggregate: {err}"))
             log.warning("round %d: secure aggregate rejected: %s: global adapter kept", server_round, err)
             return None, metrics
-        rep.delta_norms = [norm]
-        self.current = self.server_update(self.current, mean)
+        rep.delta_norms = [deltas.l2_norm(step)]
+        self.current = self.server_update(self.current, step)
         rep.updated = True
         return deltas.to_record(self.current), metrics
+
+    def secure_step(self, weighted_sum: dict[str, np.ndarray], *, weight_sum: float, unclipped_sum: float,
+                    accepted: int) -> dict[str, np.ndarray]:
+        """What ``server_update`` gets under secure aggregation: Σ w_i Δ_i / Σ w_i, checked
+        (finite, norm bound) like a single reply; raise InvalidUpdate to keep A_t."""
+        if not (np.isfinite(weight_sum) and weight_sum > 0):
+            raise deltas.InvalidUpdate(f"sum of weights is {weight_sum!r}")
+        mean = {k: v / weight_sum for k, v in weighted_sum.items()}
+        deltas.validate_values(mean, max_norm=self.max_delta_norm)
+        return mean
 
     def decode_reply(self, msg: Message) -> ClientUpdate:
         """Validate one reply and decode its delta; raise InvalidUpdate with the reason."""

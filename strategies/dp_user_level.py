@@ -192,38 +192,30 @@ class UserLevelDP(DeltaStrategy):
                                                     target_quantile=self.target_quantile, lr=self.clip_lr)
         return noised
 
-    def aggregate_secure(self, server_round, weighted_sum, *, weight_sum, loss_sum, loss_weight, unclipped_sum,
-                         accepted):
+    def secure_step(self, weighted_sum, *, weight_sum, unclipped_sum, accepted):
         """Under secure aggregation the server sees only Σ Δ_i (weights are 1): the clients' own
         clipping to S is what bounds the sensitivity (it cannot be re-checked here), and the
         adaptive-clipping bits arrive as their sum."""
-        rep = self.report
-        rep.accepted = accepted
-        metrics = MetricRecord({"accepted": accepted, "rejected": len(rep.rejected)})
         if accepted > self.clients_per_round:
             raise RuntimeError(f"{accepted} replies for {self.clients_per_round} planned clients")
-        if accepted < self.min_replies:
-            return None, metrics
         ones = int(round(unclipped_sum))
         if not 0 <= ones <= accepted:
-            log.warning("round %d: %r clients report unclipped deltas out of %d: counted as none",
-                        server_round, unclipped_sum, accepted)
+            log.warning("%r clients report unclipped deltas out of %d: counted as none", unclipped_sum, accepted)
             ones = 0
-        try:
-            deltas.validate_values(weighted_sum, max_norm=None)
-        except deltas.InvalidUpdate as err:
-            log.warning("round %d: secure sum rejected: %s: global adapter kept", server_round, err)
-            return None, metrics
-        noised = self._release(weighted_sum, [1.0] * ones + [0.0] * (accepted - ones))
-        self.current = self.server_update(self.current, noised)
-        rep.updated = True
-        metrics[M_NOISE_STD] = float(self.last_noise_std)
-        metrics[M_NEXT_CLIP_NORM] = float(self.clip_norm)
-        return deltas.to_record(self.current), metrics
+        deltas.validate_values(weighted_sum, max_norm=None)
+        return self._release(weighted_sum, [1.0] * ones + [0.0] * (accepted - ones))
+
+    def aggregate_secure(self, server_round, weighted_sum, **sums):
+        arrays, metrics = super().aggregate_secure(server_round, weighted_sum, **sums)
+        self._noise_metrics(metrics)
+        return arrays, metrics
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
+        self._noise_metrics(metrics)
+        return arrays, metrics
+
+    def _noise_metrics(self, metrics: MetricRecord | None) -> None:
         if self.last_event is not None and metrics is not None:
             metrics[M_NOISE_STD] = float(self.last_noise_std)
             metrics[M_NEXT_CLIP_NORM] = float(self.clip_norm)
-        return arrays, metrics
