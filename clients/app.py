@@ -263,6 +263,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
 
     app.query("secagg_setup")(secagg.setup)
     app.query("secagg_share")(secagg.share_keys)
+    app.query("secagg_check")(secagg.consistency_check)
     app.query("secagg_unmask")(secagg.unmask)
 
     @app.evaluate()

@@ -119,15 +119,19 @@ RUN_DIR = "run-dir"  # where the ServerApp writes its outputs
 RUN_RESUME = "resume"  # continue the run in run-dir from its last checkpoint
 
 # -- secure aggregation (``secure_aggregation.enabled``; fedge/secagg.py, server/secagg.py) --
-# Four messages per round, each with a ConfigRecord ``SECAGG``:
-#   SA_SETUP_TYPE   server -> sampled:  SA_ROUND_ID, SA_INDEX            reply: SA_C_PK, SA_S_PK
-#   SA_SHARE_TYPE   server -> U2:       SA_NEIGHBOURS, SA_C_PKS, SA_S_PKS, SA_THRESHOLD
+# Five messages per round, each with a ConfigRecord ``SECAGG``:
+#   SA_SETUP_TYPE   server -> sampled:  SA_ROUND_ID, SA_INDEX
+#                                        reply: SA_C_PK, SA_S_PK, SA_ID_KEY, SA_KEY_SIG
+#   SA_SHARE_TYPE   server -> U2:       SA_NEIGHBOURS, SA_NAMES, SA_C_PKS, SA_S_PKS, SA_ID_KEYS,
+#                                        SA_KEY_SIGS, SA_THRESHOLD
 #                                        reply: SA_DST, SA_CIPHERTEXTS (one per neighbour)
 #   SA_TRAIN_TYPE   server -> U3:       ARRAYS + CONFIG as for train, and SA_SRC, SA_CIPHERTEXTS
 #                                        (the shares addressed to this client), SA_FRACTION_BITS,
 #                                        SA_NUM, SA_WEIGHTED
 #                                        reply: ARRAYS {SA_MASKED: uint64 vector}, METRICS, META
-#   SA_UNMASK_TYPE  server -> U4:       SA_SURVIVORS, SA_DROPPED
+#   SA_CHECK_TYPE   server -> U4:       SA_SURVIVORS (all of U4)        reply: SA_SIGNATURE over U4
+#   SA_UNMASK_TYPE  server -> U5:       SA_SURVIVORS, SA_DROPPED (restricted to the client's
+#                                        neighbours), SA_SIGNERS, SA_SIGNATURES (U4 signed by them)
 #                                        reply: SA_SHARE_OF, SA_SHARE_KIND, SA_SHARES
 # The masked vector is the fixed-point encoding of [w·Δ (tensors in sorted name order,
 # flattened), w, w·train_loss, w·has_loss, unclipped bit] (``SA_SCALARS`` slots).
@@ -135,11 +139,20 @@ SECAGG = "secagg"
 SA_SETUP_TYPE = "query.secagg_setup"
 SA_SHARE_TYPE = "query.secagg_share"
 SA_TRAIN_TYPE = "train.secagg"
+SA_CHECK_TYPE = "query.secagg_check"
 SA_UNMASK_TYPE = "query.secagg_unmask"
 SA_ROUND_ID = "round-id"  # bytes: fresh per round, binds keys and ciphertexts to it
 SA_INDEX = "index"  # int: this client's index 1..n in the round
 SA_C_PK = "c-pk"  # bytes: X25519 public key for share encryption
 SA_S_PK = "s-pk"  # bytes: X25519 public key for pair masks
+SA_ID_KEY = "id-key"  # bytes: the client's Ed25519 identity key (pinned by its peers at first contact)
+SA_KEY_SIG = "key-sig"  # bytes: Ed25519 signature over (round id, index, c-pk, s-pk)
+SA_NAMES = "names"  # list[str]: stable client names, aligned with SA_NEIGHBOURS (the pinning key)
+SA_ID_KEYS = "id-keys"  # list[bytes], aligned with SA_NEIGHBOURS
+SA_KEY_SIGS = "key-sigs"  # list[bytes], aligned with SA_NEIGHBOURS
+SA_SIGNATURE = "signature"  # bytes: Ed25519 signature over (round id, sorted U4)
+SA_SIGNERS = "signers"  # list[int]: indices whose U4 signatures follow
+SA_SIGNATURES = "signatures"  # list[bytes], aligned with SA_SIGNERS
 SA_NEIGHBOURS = "neighbours"  # list[int]
 SA_C_PKS = "c-pks"  # list[bytes], aligned with SA_NEIGHBOURS
 SA_S_PKS = "s-pks"

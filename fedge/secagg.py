@@ -3,9 +3,12 @@
 Bonawitz et al. 2017 (CCS, "Practical Secure Aggregation for Privacy-Preserving
 Machine Learning") with the sparse neighbour graph of Bell et al. 2020 (CCS,
 "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead"). Honest-but-
-curious server; the server learns Σ_i x_i over the clients that finished, nothing
-about any single x_i, as long as fewer than ``threshold`` holders of a client's
-shares collude with it.
+curious or actively malicious server (the paper's version against an active adversary:
+signed public keys, a consistency check on the survivor set, clients that refuse
+inconsistent requests); the server learns Σ_i x_i over the clients that finished,
+nothing about any single x_i, as long as fewer than ``threshold`` holders of a
+client's shares collude with it and the clients' identity keys are authentic
+(docs/secure-aggregation.md, "Trust").
 
 Client i (index 1..n, its position in the round's sampled list) holds x_i ∈ ℤ_{2^64}^d
 (fixed point, :func:`encode_fixed`) and sends
@@ -34,6 +37,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -126,6 +131,38 @@ def decrypt(key: bytes, blob: bytes, *, aad: bytes) -> bytes:
         return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
     except Exception as err:  # InvalidTag, short blob
         raise SecAggError(f"share ciphertext does not authenticate ({type(err).__name__})") from None
+
+
+# -- authentication (the version of Bonawitz et al. 2017 secure against an active server) ---
+
+def identity_keypair() -> tuple[bytes, bytes]:
+    """A long-lived Ed25519 signing pair (private raw 32 bytes, public raw 32 bytes): the client's identity."""
+    sk = Ed25519PrivateKey.generate()
+    return (sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption()),
+            sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def sign(private_raw: bytes, message: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(private_raw).sign(message)
+
+
+def verify(public_raw: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, message)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def keys_message(round_id: bytes, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What client ``index`` signs in setup: its two public keys, bound to this round and index."""
+    return b"fedge-secagg/keys/" + round_id + index.to_bytes(8, "little") + c_pk + s_pk
+
+
+def survivors_message(round_id: bytes, survivors: Sequence[int]) -> bytes:
+    """What each survivor signs in the consistency check: the round's survivor set U4 (sorted)."""
+    return b"fedge-secagg/survivors/" + round_id + b"".join(int(i).to_bytes(8, "little") for i in sorted(survivors))
 
 
 def split_secret(secret: bytes, *, threshold: int, holders: int) -> list[bytes]:

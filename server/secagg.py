@@ -1,18 +1,22 @@
-"""Server side of secure aggregation: one training round as four message exchanges.
+"""Server side of secure aggregation: one training round as five message exchanges.
 
 Why our own implementation on the message API rather than Flower's SecAggPlusWorkflow:
 that workflow drives Flower's legacy ``FitIns``/``FitRes`` round (``DefaultWorkflow``,
 ``LegacyContext``) and owns the round loop, so it cannot sit inside fedge's round loop
 (checkpoints, resume, validation, privacy ledger) nor carry our delta protocol. The
-protocol below is the same SecAgg+ (setup → share keys → masked input → unmask), built
+protocol below is SecAgg+ in the version of Bonawitz et al. 2017 that holds against an
+active server (setup → share keys → masked input → consistency check → unmask), built
 from Flower's Shamir implementation and ``cryptography`` primitives (``fedge/secagg.py``).
 
-Stages and who survives them (U1 = sampled ⊇ U2 ⊇ U3 ⊇ U4):
+Stages and who survives them (U1 = sampled ⊇ U2 ⊇ U3 ⊇ U4 ⊇ U5):
 
-    setup       U1 → U2   clients that returned two valid public keys
+    setup       U1 → U2   clients that returned two public keys signed by their identity key
     share keys  U2 → U3   clients that returned one ciphertext per neighbour in U2
     masked      U3 → U4   clients whose masked vector has the expected length and dtype
-    unmask      U4        survivors return b shares of survivors, s_sk shares of U3 \\ U4
+    check       U4 → U5   clients that signed U4 (each signs one set per round)
+    unmask      U5        survivors return b shares of survivors, s_sk shares of U3 \\ U4,
+                          each told only about its own neighbours, with its neighbours'
+                          signatures over U4 (a client refuses with fewer than t)
 
 The server then holds Σ_{i∈U4} x_i and nothing else: it rebuilds b_i for survivors
 and s_sk_j for clients that dropped after sharing (to cancel their pair masks), and it
@@ -88,29 +92,36 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
         rep.secure = {"stage_failed": stage, "survivors": alive, "threshold": t}
         return None, MetricRecord({"accepted": 0, "rejected": len(rep.rejected)})
 
-    # 1. setup: public keys
+    # 1. setup: public keys, signed with each client's identity key
     replies = _stage(grid, nodes, {i: {P.SA_ROUND_ID: rid, P.SA_INDEX: i} for i in nodes}, P.SA_SETUP_TYPE,
                      timeout, ttl)
-    pks: dict[int, tuple[bytes, bytes]] = {}
+    pks: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}  # index -> (c_pk, s_pk, identity key, signature)
     for i in nodes:
         sa = _record(replies.get(i))
         if isinstance(sa, str):
             drop(i, f"setup: {sa}")
             continue
         c, s = bytes(sa.get(P.SA_C_PK, b"")), bytes(sa.get(P.SA_S_PK, b""))
-        if len(c) != 32 or len(s) != 32:
-            drop(i, "setup: public keys are not 32-byte X25519 keys")
+        vk, sig = bytes(sa.get(P.SA_ID_KEY, b"")), bytes(sa.get(P.SA_KEY_SIG, b""))
+        if len(c) != 32 or len(s) != 32 or len(vk) != 32:
+            drop(i, "setup: public keys are not 32-byte X25519/Ed25519 keys")
             continue
-        pks[i] = (c, s)
-        overhead += 64
+        if not S.verify(vk, S.keys_message(rid, i, c, s), sig):  # its peers would refuse the round
+            drop(i, "setup: the signature on its public keys does not verify")
+            continue
+        pks[i] = (c, s, vk, sig)
+        overhead += 32 * 3 + len(sig)
     if len(pks) < floor:
         return too_few("setup", len(pks))
 
-    # 2. share keys: each client gets its neighbours' public keys, returns encrypted shares
+    # 2. share keys: each client gets its neighbours' signed public keys, returns encrypted shares
     u2 = sorted(pks)
     nbrs = {i: [j for j in graph[i] if j in pks] for i in u2}
-    fields = {i: {P.SA_ROUND_ID: rid, P.SA_NEIGHBOURS: nbrs[i], P.SA_C_PKS: [pks[j][0] for j in nbrs[i]],
-                  P.SA_S_PKS: [pks[j][1] for j in nbrs[i]], P.SA_THRESHOLD: t} for i in u2}
+    fields = {i: {P.SA_ROUND_ID: rid, P.SA_NEIGHBOURS: nbrs[i],
+                  P.SA_NAMES: [strategy.client_name(nodes[j]) for j in nbrs[i]],
+                  P.SA_C_PKS: [pks[j][0] for j in nbrs[i]], P.SA_S_PKS: [pks[j][1] for j in nbrs[i]],
+                  P.SA_ID_KEYS: [pks[j][2] for j in nbrs[i]], P.SA_KEY_SIGS: [pks[j][3] for j in nbrs[i]],
+                  P.SA_THRESHOLD: t} for i in u2}
     replies = _stage(grid, {i: nodes[i] for i in u2}, fields, P.SA_SHARE_TYPE, timeout, ttl)
     cts: dict[int, dict[int, bytes]] = {}
     for i in u2:
@@ -148,14 +159,37 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
     if len(masked) < floor:
         return too_few("masked input", len(masked))
 
-    # 4. unmask
+    # 4. consistency check: every survivor signs U4 (so no two clients can be shown different sets)
     u4, dropped = sorted(masked), sorted(set(u3) - set(masked))
-    fields = {i: {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: u4, P.SA_DROPPED: dropped} for i in u4}
-    replies = _stage(grid, {i: nodes[i] for i in u4}, fields, P.SA_UNMASK_TYPE, timeout, ttl)
+    replies = _stage(grid, {i: nodes[i] for i in u4}, {i: {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: u4} for i in u4},
+                     P.SA_CHECK_TYPE, timeout, ttl)
+    u4_sigs: dict[int, bytes] = {}
+    for i in u4:
+        sa = _record(replies.get(i))
+        sig = b"" if isinstance(sa, str) else bytes(sa.get(P.SA_SIGNATURE, b""))
+        if S.verify(pks[i][2], S.survivors_message(rid, u4), sig):
+            u4_sigs[i] = sig
+            overhead += len(sig)
+        else:  # its masked vector stays in the sum; it just is not asked for shares
+            log.warning("round %d: client %d did not sign the survivor set: %s", server_round, i,
+                        sa if isinstance(sa, str) else "bad signature")
+    if len(u4_sigs) < floor:
+        return too_few("consistency check", len(u4_sigs))
+
+    # 5. unmask: each client hears only about the neighbours whose shares it holds
+    u5 = sorted(u4_sigs)
+    fields = {}
+    for i in u5:
+        holding = set(srcs[i]) | {i}
+        signers = [j for j in u5 if j != i and j in nbrs[i]]
+        fields[i] = {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [j for j in u4 if j in holding],
+                     P.SA_DROPPED: [j for j in dropped if j in holding],
+                     P.SA_SIGNERS: signers, P.SA_SIGNATURES: [u4_sigs[j] for j in signers]}
+    replies = _stage(grid, {i: nodes[i] for i in u5}, fields, P.SA_UNMASK_TYPE, timeout, ttl)
     b_shares: dict[int, list[bytes]] = {i: [] for i in u4}
     s_shares: dict[int, list[bytes]] = {j: [] for j in dropped}
     answered = 0
-    for i in u4:
+    for i in u5:
         sa = _record(replies.get(i))
         if isinstance(sa, str):
             log.warning("round %d: client %d gave no shares: %s", server_round, i, sa)
@@ -191,7 +225,8 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
         at += m
     scal = dict(zip(P.SA_SCALARS, flat[at:].tolist()))
     rep.secure = {"survivors": len(u4), "dropped_after_sharing": len(dropped), "threshold": t,
-                  "neighbours": max(len(v) for v in graph.values()), "unmask_replies": answered,
+                  "neighbours": max(len(v) for v in graph.values()), "signed_survivor_set": len(u5),
+                  "unmask_replies": answered,
                   "overhead_bytes": overhead}
     rep.client_metrics = {strategy.client_name(nodes[i]): metrics[i] for i in u4}
     rep.bytes_up = int(sum(m.get(P.M_BYTES_UP, 0) for m in metrics.values()))

@@ -59,6 +59,8 @@ class LoopbackGrid:
             return C.setup(msg, ctx)
         if kind == P.SA_SHARE_TYPE:
             return C.share_keys(msg, ctx)
+        if kind == P.SA_CHECK_TYPE:
+            return C.consistency_check(msg, ctx)
         if kind == P.SA_UNMASK_TYPE:
             return C.unmask(msg, ctx)
         assert kind == P.SA_TRAIN_TYPE
@@ -188,17 +190,20 @@ def test_secure_sum_equals_plain_weighted_mean(neighbours):
     assert strategy.report.train_loss == pytest.approx(np.average([1.0 + i for i in range(6)], weights=w))
 
 
-@pytest.mark.parametrize("stage", [P.SA_SETUP_TYPE, P.SA_SHARE_TYPE, P.SA_TRAIN_TYPE, P.SA_UNMASK_TYPE])
+@pytest.mark.parametrize("stage", [P.SA_SETUP_TYPE, P.SA_SHARE_TYPE, P.SA_TRAIN_TYPE, P.SA_CHECK_TYPE,
+                                   P.SA_UNMASK_TYPE])
 def test_one_client_dropping_out_at_any_stage(stage):
     # Prepare: the 3rd sampled client (node 103) drops out at ``stage``
     ds, w = _deltas(5, seed=2), [2.0, 1.0, 1.0, 3.0, 1.0]
     # Execute
     strategy, _, got = _run("fedavg", ds, w, fail={(103, stage)})
-    # Assert: it still contributes if it dropped only when asked for shares (its y is in the sum)
-    keep = range(5) if stage == P.SA_UNMASK_TYPE else [0, 1, 3, 4]
+    # Assert: it still contributes if it dropped after sending y (its y is in the sum)
+    keep = range(5) if stage in (P.SA_CHECK_TYPE, P.SA_UNMASK_TYPE) else [0, 1, 3, 4]
     _assert_close(got, _oracle(ds, w, keep), 5)
     if stage == P.SA_TRAIN_TYPE:
         assert strategy.report.secure["dropped_after_sharing"] == 1  # its pair masks were rebuilt and removed
+    if stage == P.SA_CHECK_TYPE:
+        assert strategy.report.secure["signed_survivor_set"] == 4  # still t = 4 signatures
 
 
 def test_too_many_dropouts_keep_the_global_adapter():
@@ -252,59 +257,128 @@ def test_user_level_dp_under_secure_aggregation_noises_the_secure_sum():
 
 # -- the client's refusals -----------------------------------------------------------------------
 
-def _client_through_stage_3(ctx: Context):
-    """One client (index 1) with a neighbour (index 2) played by the test; returns the round id."""
+class Peer:
+    """A neighbour played by the test: identity key, the round's two key pairs, signed."""
+
+    def __init__(self, rid: bytes, index: int):
+        self.index, self.name = index, f"peer-{index}"
+        self.id_sk, self.id_pk = S.identity_keypair()
+        self.c, self.s = S.keypair(), S.keypair()
+        self.sig = S.sign(self.id_sk, S.keys_message(rid, index, self.c[1], self.s[1]))
+
+
+def _mk(kind, fields):
+    return Message(RecordDict({P.SECAGG: ConfigRecord(fields)}), message_type=kind, dst_node_id=1)
+
+
+def _share_request(rid, peers, t=2):
+    return _mk(P.SA_SHARE_TYPE, {P.SA_ROUND_ID: rid, P.SA_NEIGHBOURS: [p.index for p in peers],
+                                 P.SA_NAMES: [p.name for p in peers], P.SA_C_PKS: [p.c[1] for p in peers],
+                                 P.SA_S_PKS: [p.s[1] for p in peers], P.SA_ID_KEYS: [p.id_pk for p in peers],
+                                 P.SA_KEY_SIGS: [p.sig for p in peers], P.SA_THRESHOLD: t})
+
+
+def _client_through_stage_2(ctx: Context):
+    """One client (index 1) with neighbours 2 and 3 played by the test (t = 2 of 3 holders)."""
     rid = b"x" * 16
-    mk = lambda kind, fields: Message(RecordDict({P.SECAGG: ConfigRecord(fields)}), message_type=kind,  # noqa: E731
-                                      dst_node_id=1)
-    pk = C.setup(mk(P.SA_SETUP_TYPE, {P.SA_ROUND_ID: rid, P.SA_INDEX: 1}), ctx).content[P.SECAGG]
-    other_c, other_s = S.keypair(), S.keypair()
-    shares = C.share_keys(mk(P.SA_SHARE_TYPE, {P.SA_ROUND_ID: rid, P.SA_NEIGHBOURS: [2, 3],
-                                               P.SA_C_PKS: [other_c[1], S.keypair()[1]],
-                                               P.SA_S_PKS: [other_s[1], S.keypair()[1]], P.SA_THRESHOLD: 2}), ctx)
+    pk = C.setup(_mk(P.SA_SETUP_TYPE, {P.SA_ROUND_ID: rid, P.SA_INDEX: 1}), ctx).content[P.SECAGG]
+    peers = [Peer(rid, 2), Peer(rid, 3)]
+    shares = C.share_keys(_share_request(rid, peers), ctx)
     assert sorted(shares.content[P.SECAGG][P.SA_DST]) == [2, 3]
-    ct_key = S.agree(other_c[0], bytes(pk[P.SA_C_PK]), context=S.share_context(rid, 2, 1))
-    ct = S.encrypt(ct_key, S.pack_shares(b"b" * 20, b"s" * 20), aad=S.share_context(rid, 2, 1))
-    msg = Message(RecordDict({P.SECAGG: ConfigRecord({P.SA_ROUND_ID: rid, P.SA_SRC: [2], P.SA_CIPHERTEXTS: [ct],
-                                                      P.SA_FRACTION_BITS: 32, P.SA_NUM: 3, P.SA_WEIGHTED: True})}),
-                  message_type=P.SA_TRAIN_TYPE, dst_node_id=1)
-    C.masked_vector(msg, ctx, delta={"a": np.ones(3)}, weight=1.0, loss=None, unclipped=1.0)
-    return rid, mk
+    return rid, peers, bytes(pk[P.SA_C_PK])
 
 
-def test_client_never_reveals_both_secrets_of_one_client_and_answers_once():
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    rid, mk = _client_through_stage_3(ctx)
+def _train_request(rid, peer, c_pk, *, ciphertext=None, fraction_bits=32):
+    ctx_ = S.share_context(rid, peer.index, 1)
+    ct = ciphertext or S.encrypt(S.agree(peer.c[0], c_pk, context=ctx_), S.pack_shares(b"b" * 20, b"s" * 20),
+                                 aad=ctx_)
+    return _mk(P.SA_TRAIN_TYPE, {P.SA_ROUND_ID: rid, P.SA_SRC: [peer.index], P.SA_CIPHERTEXTS: [ct],
+                                 P.SA_FRACTION_BITS: fraction_bits, P.SA_NUM: 3, P.SA_WEIGHTED: True})
+
+
+def _client_through_check(ctx: Context):
+    """... then masked input (peer 2's share arrived) and the consistency check on U4 = {1, 2}."""
+    rid, peers, c_pk = _client_through_stage_2(ctx)
+    C.masked_vector(_train_request(rid, peers[0], c_pk), ctx, delta={"a": np.ones(3)}, weight=1.0, loss=None,
+                    unclipped=1.0)
+    C.consistency_check(_mk(P.SA_CHECK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1, 2]}), ctx)
+    return rid, peers
+
+
+def _unmask_request(rid, peers, survivors, dropped, signed=(1, 2)):
+    sig = S.sign(peers[0].id_sk, S.survivors_message(rid, signed))
+    return _mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: survivors, P.SA_DROPPED: dropped,
+                                  P.SA_SIGNERS: [2], P.SA_SIGNATURES: [sig]})
+
+
+def _ctx():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_client_never_reveals_both_secrets_of_one_client_answers_once_and_forgets_its_secrets():
+    # Prepare
+    ctx_a, ctx_b = _ctx(), _ctx()
+    rid, peers = _client_through_check(ctx_a)
+    rid_b, peers_b = _client_through_check(ctx_b)
+    # Execute / Assert: asked for both secrets of client 2, the client aborts the round
     with pytest.raises(C.SecAggRefused, match="both"):
-        C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1, 2], P.SA_DROPPED: [2]}), ctx)
-    reply = C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1, 2], P.SA_DROPPED: []}), ctx)
-    sa = reply.content[P.SECAGG]
+        C.unmask(_unmask_request(rid, peers, [1, 2], [2]), ctx_a)
+    with pytest.raises(C.SecAggRefused, match="aborted"):
+        C.unmask(_unmask_request(rid, peers, [1, 2], []), ctx_a)
+    # an honest request is answered once, with b shares only, and the round's secrets are gone
+    sa = C.unmask(_unmask_request(rid_b, peers_b, [1, 2], []), ctx_b).content[P.SECAGG]
     assert sorted(zip(sa[P.SA_SHARE_OF], sa[P.SA_SHARE_KIND])) == [(1, 0), (2, 0)]
     with pytest.raises(C.SecAggRefused, match="out of order"):
-        C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1], P.SA_DROPPED: [2]}), ctx)
+        C.unmask(_unmask_request(rid_b, peers_b, [1], [2]), ctx_b)
+    for ctx in (ctx_a, ctx_b):
+        assert not {"c-sk", "s-sk", "b", "own-share", P.SA_CIPHERTEXTS} & set(ctx.state[C.STATE].keys())
 
 
-def test_client_refuses_to_unmask_with_fewer_survivors_than_the_threshold():
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    rid, mk = _client_through_stage_3(ctx)
+def test_client_refuses_to_sign_a_survivor_set_below_the_threshold():
+    ctx = _ctx()
+    rid, peers, c_pk = _client_through_stage_2(ctx)
+    C.masked_vector(_train_request(rid, peers[0], c_pk), ctx, delta={"a": np.ones(3)}, weight=1.0, loss=None,
+                    unclipped=1.0)
     with pytest.raises(C.SecAggRefused, match="threshold"):
-        C.unmask(mk(P.SA_UNMASK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1], P.SA_DROPPED: [2]}), ctx)
+        C.consistency_check(_mk(P.SA_CHECK_TYPE, {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [1]}), ctx)
+
+
+def test_client_refuses_to_unmask_without_t_signatures_over_the_set_it_signed():
+    # Prepare: the client signed U4 = {1, 2}; its neighbour's signature is over {1, 2, 3}
+    # (the server showed it another set) or missing
+    ctx_a, ctx_b = _ctx(), _ctx()
+    rid, peers = _client_through_check(ctx_a)
+    rid_b, peers_b = _client_through_check(ctx_b)
+    # Execute / Assert
+    with pytest.raises(C.SecAggRefused, match="1 valid signatures"):
+        C.unmask(_unmask_request(rid, peers, [1, 2], [], signed=(1, 2, 3)), ctx_a)
+    no_sig = _unmask_request(rid_b, peers_b, [1, 2], [])
+    no_sig.content[P.SECAGG][P.SA_SIGNERS], no_sig.content[P.SECAGG][P.SA_SIGNATURES] = [], []
+    with pytest.raises(C.SecAggRefused, match="1 valid signatures"):
+        C.unmask(no_sig, ctx_b)
+
+
+def test_client_refuses_duplicate_public_keys():
+    ctx = _ctx()
+    rid = b"x" * 16
+    C.setup(_mk(P.SA_SETUP_TYPE, {P.SA_ROUND_ID: rid, P.SA_INDEX: 1}), ctx)
+    a, b = Peer(rid, 2), Peer(rid, 3)
+    b.c, b.s = a.c, a.s  # the server hands out one pair (its own) for two neighbours
+    b.sig = S.sign(b.id_sk, S.keys_message(rid, 3, b.c[1], b.s[1]))
+    with pytest.raises(C.SecAggRefused, match="same public key"):
+        C.share_keys(_share_request(rid, [a, b]), ctx)
 
 
 def test_client_refuses_a_tampered_share_and_a_value_out_of_range():
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    rid, mk = _client_through_stage_3(ctx)
-    ctx.state[C.STATE]["stage"] = 2
-    bad = Message(RecordDict({P.SECAGG: ConfigRecord({P.SA_ROUND_ID: rid, P.SA_SRC: [2], P.SA_CIPHERTEXTS: [b"\0" * 60],
-                                                      P.SA_FRACTION_BITS: 32, P.SA_NUM: 3, P.SA_WEIGHTED: True})}),
-                  message_type=P.SA_TRAIN_TYPE, dst_node_id=1)
+    ctx_a, ctx_b = _ctx(), _ctx()
+    rid, peers, c_pk = _client_through_stage_2(ctx_a)
+    rid_b, peers_b, c_pk_b = _client_through_stage_2(ctx_b)
     with pytest.raises(S.SecAggError, match="authenticate"):
-        C.masked_vector(bad, ctx, delta={"a": np.ones(3)}, weight=1.0, loss=None, unclipped=1.0)
-    ok = Message(RecordDict({P.SECAGG: ConfigRecord({P.SA_ROUND_ID: rid, P.SA_SRC: [], P.SA_CIPHERTEXTS: [],
-                                                     P.SA_FRACTION_BITS: 40, P.SA_NUM: 3, P.SA_WEIGHTED: True})}),
-                 message_type=P.SA_TRAIN_TYPE, dst_node_id=1)
+        C.masked_vector(_train_request(rid, peers[0], c_pk, ciphertext=b"\0" * 60), ctx_a, delta={"a": np.ones(3)},
+                        weight=1.0, loss=None, unclipped=1.0)
     with pytest.raises(S.SecAggError, match="range"):
-        C.masked_vector(ok, ctx, delta={"a": np.full(3, 1e7)}, weight=1.0, loss=None, unclipped=1.0)
+        C.masked_vector(_train_request(rid_b, peers_b[0], c_pk_b, fraction_bits=40), ctx_b,
+                        delta={"a": np.full(3, 1e7)}, weight=1.0, loss=None, unclipped=1.0)
 
 
 def test_server_rejects_a_masked_vector_of_the_wrong_length():
@@ -357,3 +431,180 @@ def test_secure_aggregation_of_fewer_than_three_clients_is_refused():
                               "federation.min_replies=1"])
     with pytest.raises(fcfg.ConfigError, match="threshold"):
         fcfg.load("default", ["secure_aggregation.enabled=true", "secure_aggregation.threshold=0.5"])
+
+
+# -- a malicious server (Bonawitz et al. 2017, §6: the actively secure variant) ------------------
+#
+# The real server code runs the round; the grid between it and the real client handlers
+# plays the malicious server: it rewrites what it sends (``tamper``), keeps everything the
+# clients answer, and then tries to rebuild the victim's (round index 1) input alone.
+
+class MaliciousServer(LoopbackGrid):
+    def __init__(self, client_deltas, weights, tamper):
+        super().__init__(client_deltas, weights)
+        self.tamper, self.seen = tamper, []  # (what was sent, the reply or None)
+        self.node_of: dict[int, int] = {}  # round index -> node id
+
+    @property
+    def victim(self) -> int:
+        return self.node_of[1]
+
+    def index(self, m: Message) -> int:
+        return {v: k for k, v in self.node_of.items()}[int(m.metadata.dst_node_id)]
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            if m.metadata.message_type == P.SA_SETUP_TYPE:
+                self.node_of[int(_sa(m)[P.SA_INDEX])] = int(m.metadata.dst_node_id)
+                self.rid = bytes(_sa(m)[P.SA_ROUND_ID])
+            m = self.tamper(self, m)
+            r = super().send_and_receive([m], timeout)
+            self.seen.append((m, r[0] if r else None))
+            out += r
+        return out
+
+    def replies(self, kind):
+        """node -> reply content (or the error reason) for message type ``kind``."""
+        return {int(m.metadata.dst_node_id): (r.error.reason if r.has_error() else r.content)
+                for m, r in self.seen if m.metadata.message_type == kind and r is not None}
+
+
+def _sa(m: Message) -> ConfigRecord:
+    return m.content[P.SECAGG]
+
+
+def _victim_input(grid, d):
+    v = grid.victim - 101
+    return grid.weights[v] * np.concatenate([grid.deltas[v][k].ravel() for k in sorted(SHAPES)])[:d]
+
+
+def _recovered(grid, y, b_seed, pair_seeds, d):
+    """Victim's input as the attacker rebuilds it: y − PRG(b) − Σ_j ±PRG(s_1j)."""
+    x = y - S.prg(b_seed, y.size)
+    for j, seed in pair_seeds.items():
+        x = x - S.prg(seed, y.size) if j > 1 else x + S.prg(seed, y.size)
+    return S.decode_fixed(x, fraction_bits=PARAMS.fraction_bits)[:d]
+
+
+def _attack(tamper, n=5, rounds=1):
+    ds, w = _deltas(n, seed=7), [2.0, 1.0, 3.0, 1.0, 2.0]
+    grid = MaliciousServer(ds, w, tamper)
+    current = {k: np.zeros(s) for k, s in SHAPES.items()}
+    for r in range(1, rounds + 1):
+        strategy = build("fedavg", clients_per_round=n, min_replies=2, base_hash="h")
+        grid.round, grid.seen = r, []
+        secure_train_round(grid, strategy, r, deltas.to_record(current), ConfigRecord({}), params=PARAMS, timeout=10)
+    return grid, ds, w, sum(int(np.prod(s)) for s in SHAPES.values())
+
+
+def _shares_of(grid, j, kind):
+    out = []
+    for content in grid.replies(P.SA_UNMASK_TYPE).values():
+        if isinstance(content, str):
+            continue
+        sa = content[P.SECAGG]
+        out += [bytes(s) for o, k, s in zip(sa[P.SA_SHARE_OF], sa[P.SA_SHARE_KIND], sa[P.SA_SHARES])
+                if int(o) == j and int(k) == kind]
+    return out
+
+
+def test_attack_a_victim_told_no_shares_arrived_refuses_to_mask_with_its_self_seed_alone():
+    # Prepare: the server tells client 1 that none of its neighbours' shares arrived, so
+    # y_1 = x_1 + PRG(b_1) only, then asks the others for b_1's shares (client 1 "survived").
+    def tamper(grid, m):
+        if m.metadata.message_type == P.SA_TRAIN_TYPE and int(m.metadata.dst_node_id) == grid.victim:
+            _sa(m)[P.SA_SRC], _sa(m)[P.SA_CIPHERTEXTS] = [], []
+        return m
+
+    # Execute
+    grid, ds, w, d = _attack(tamper)
+    t = S.threshold_for(5, PARAMS.threshold)
+    b_shares = _shares_of(grid, 1, 0)
+    got = (_recovered(grid, grid.masked_seen[grid.victim], S.combine_secret(b_shares[:t]), {}, d)
+           if grid.victim in grid.masked_seen and len(b_shares) >= t else None)
+    # Assert: the victim never sent a masked vector (so there is nothing to unmask), and said why
+    assert got is None or not np.allclose(got, _victim_input(grid, d), atol=1e-6)
+    assert grid.victim not in grid.masked_seen
+    assert "shares" in grid.replies(P.SA_TRAIN_TYPE)[grid.victim]
+
+
+def test_attack_b_survivor_set_padded_with_ids_that_hold_no_shares_is_refused():
+    # Prepare: 5 clients, t = 4. Each honest client j is told "survivors = {1, j} plus three ids
+    # that do not exist, dropped = the rest": padded past the threshold, every client reveals
+    # b_1's share and the mask-key shares of all the others: x_1 alone could be unmasked.
+    def tamper(grid, m):
+        if m.metadata.message_type == P.SA_UNMASK_TYPE:
+            me = grid.index(m)
+            _sa(m)[P.SA_SURVIVORS] = sorted({1, me, 97, 98, 99})
+            _sa(m)[P.SA_DROPPED] = [j for j in range(2, 6) if j != me]
+        return m
+
+    # Execute
+    grid, ds, w, d = _attack(tamper)
+    t = S.threshold_for(5, PARAMS.threshold)
+    b_shares = _shares_of(grid, 1, 0)
+    s_shares = {j: _shares_of(grid, j, 1) for j in range(2, 6)}
+    got = None
+    if len(b_shares) >= t and all(len(v) >= t for v in s_shares.values()):
+        rid = grid.rid
+        s_pk1 = bytes(grid.replies(P.SA_SETUP_TYPE)[grid.victim][P.SECAGG][P.SA_S_PK])
+        pair = {j: S.agree(S.combine_secret(v[:t]), s_pk1, context=S.pair_context(rid, 1, j))
+                for j, v in s_shares.items()}
+        got = _recovered(grid, grid.masked_seen[grid.victim], S.combine_secret(b_shares[:t]), pair, d)
+    # Assert: every client refuses to unmask for ids it holds no shares of
+    assert got is None or not np.allclose(got, _victim_input(grid, d), atol=1e-6)
+    refusals = grid.replies(P.SA_UNMASK_TYPE)
+    assert all(isinstance(v, str) and "98" in v for v in refusals.values()), refusals
+
+
+@pytest.mark.parametrize("swap_identity", [False, True])
+def test_attack_c_swapped_public_keys_are_detected(swap_identity):
+    # Prepare: the server hands client 1 its own X25519 keys in place of each neighbour's, so it
+    # can read every share client 1 encrypts (b_1 and s_sk_1) and knows every pair mask it adds.
+    # With ``swap_identity`` it also swaps the neighbours' identity keys for its own and signs
+    # the swapped keys itself — in round 2, after an honest round 1 in which client 1 met them.
+    att = {j: (S.keypair(), S.keypair(), S.identity_keypair()) for j in range(2, 6)}
+    rounds = 2 if swap_identity else 1
+
+    def tamper(grid, m):
+        if P.SECAGG not in m.content or int(m.metadata.dst_node_id) != grid.victim or grid.round != rounds:
+            return m
+        sa = _sa(m)
+        if m.metadata.message_type == P.SA_SHARE_TYPE:
+            nb = [int(j) for j in sa[P.SA_NEIGHBOURS]]
+            sa[P.SA_C_PKS] = [att[j][0][1] for j in nb]
+            sa[P.SA_S_PKS] = [att[j][1][1] for j in nb]
+            if swap_identity:
+                sa[P.SA_ID_KEYS] = [att[j][2][1] for j in nb]
+                sa[P.SA_KEY_SIGS] = [S.sign(att[j][2][0], S.keys_message(grid.rid, j, att[j][0][1], att[j][1][1]))
+                                     for j in nb]
+        elif m.metadata.message_type == P.SA_TRAIN_TYPE:  # shares that decrypt under the swapped keys
+            c_pk1 = bytes(grid.replies(P.SA_SETUP_TYPE)[grid.victim][P.SECAGG][P.SA_C_PK])
+            sa[P.SA_SRC] = list(att)
+            sa[P.SA_CIPHERTEXTS] = [
+                S.encrypt(S.agree(att[j][0][0], c_pk1, context=S.share_context(grid.rid, j, 1)),
+                          S.pack_shares(b"b" * 20, b"s" * 20), aad=S.share_context(grid.rid, j, 1)) for j in att]
+        return m
+
+    # Execute
+    grid, ds, w, d = _attack(tamper, rounds=rounds)
+    got = None
+    share_reply = grid.replies(P.SA_SHARE_TYPE).get(grid.victim)
+    if not isinstance(share_reply, str) and grid.victim in grid.masked_seen:
+        sa = share_reply[P.SECAGG]
+        setup = grid.replies(P.SA_SETUP_TYPE)[grid.victim][P.SECAGG]
+        b, s = [], []
+        for j, ct in zip(sa[P.SA_DST], sa[P.SA_CIPHERTEXTS]):
+            ctx = S.share_context(grid.rid, 1, int(j))
+            bs, ss = S.unpack_shares(S.decrypt(S.agree(att[int(j)][0][0], bytes(setup[P.SA_C_PK]), context=ctx),
+                                               bytes(ct), aad=ctx))
+            b.append(bs)
+        t = S.threshold_for(5, PARAMS.threshold)
+        pair = {j: S.agree(att[j][1][0], bytes(setup[P.SA_S_PK]), context=S.pair_context(grid.rid, 1, j))
+                for j in att}
+        got = _recovered(grid, grid.masked_seen[grid.victim], S.combine_secret(b[:t]), pair, d)
+    # Assert: client 1 refuses the keys (not signed by the identity keys it pinned for its
+    # neighbours) before it shares anything
+    assert got is None or not np.allclose(got, _victim_input(grid, d), atol=1e-6)
+    assert isinstance(share_reply, str) and ("pinned" if swap_identity else "signature") in share_reply
