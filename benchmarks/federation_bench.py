@@ -69,7 +69,7 @@ def plain_round(cfg, rnd: int) -> dict:
     """One round's work without Flower: every client trains (same seeds), FedAvg, central eval."""
     import torch
 
-    from clients.runtime import data_args
+    from fedge.data import data_args
     from fedge import deltas, models
     from fedge.data import federated_split
     from fedge.data.tokenize import encode_dataset

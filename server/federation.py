@@ -27,17 +27,20 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 import strategies
-from clients.runtime import data_args, num_labels
 from fedge import config as fcfg
 from fedge import deltas, lora_fed, models
 from fedge import protocol as P
-from fedge.data import federated_split
+from fedge.data import data_args, federated_split, num_labels
+from fedge import progress
 from fedge.messaging import send_and_receive
+from fedge.reporting import write_run_report
+from fedge.tracking import Tracker
 from fedge.data.tokenize import encode_dataset
 from fedge.train import evaluate, generate
-from fedge.privacy.ledger import ClientDPSGD, PrivacyLedger
+from fedge.privacy.ledger import BudgetExceeded, ClientDPSGD, PrivacyLedger
 from server import checkpoint
 from server.deploy import catch_up, linger
+from server.samples import answer_samples
 from server.secagg import SecAggParams, secure_train_round
 
 log = logging.getLogger("fedge.server")
@@ -69,10 +72,11 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
 
     z = ul.noise_multiplier or user_level_noise_for_epsilon(
         target_epsilon=ul.target_epsilon, clients_per_round=fed.clients_per_round,
-        num_clients=cfg.data.num_clients, rounds=fed.num_rounds, delta=ul.delta, sampling=UserLevelDP.sampling)
+        num_clients=cfg.data.num_clients, rounds=fed.num_rounds, delta=ul.delta, sampling=ul.sampling)
     try:
         return UserLevelDP(inner, noise_multiplier=z, clip_norm=ul.clip_norm, adaptive=ul.adaptive,
-                           target_quantile=ul.target_quantile, clip_lr=ul.clip_lr, count_noise_std=ul.count_noise_std)
+                           target_quantile=ul.target_quantile, clip_lr=ul.clip_lr, count_noise_std=ul.count_noise_std,
+                           sampling=ul.sampling, num_clients=cfg.data.num_clients)
     except ValueError as err:
         raise strategies.StrategyError(f"privacy.user_level with strategy {cfg.strategy.name!r}: {err}") from None
 
@@ -124,6 +128,7 @@ class Evaluator:
         self.model = models.add_lora(self.base.model, task=cfg.model.task, r=lo.r, alpha=lo.alpha,
                                      dropout=lo.dropout, target_modules=lo.target_modules, seed=cfg.seed)
         holdout = federated_split(**data_args(cfg)).global_holdout
+        self.holdout = holdout  # the end-of-run sample draws its prompts from here
         self.examples = encode_dataset(self.base.tokenizer, holdout, task=self.task,
                                        max_length=cfg.model.max_length)[: cfg.data.max_eval_examples]
         self.batch_size = cfg.train.eval_batch_size
@@ -178,17 +183,69 @@ def privacy_columns(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
     return out
 
 
+# Under user-level DP these row fields are functions of the clients' data or of the secret cohort
+# (who replied, who was rejected and why, unnoised losses and norms): withheld, not published.
+PRIVATE_ROW_FIELDS = ("sampled", "accepted", "rejected", "failed", "train_loss", "local_eval_loss",
+                      "local_eval_accuracy", "bytes_up", "bytes_down", "bytes_up_per_client", "delta_norm_mean")
+
+
+def publishable_row(row: dict, cfg: fcfg.RunConfig) -> dict:
+    """The metrics row as published: under user-level DP only noised, accounted or public values
+    (central held-out metrics on the server's data, ε, bytes sent per client, timings)."""
+    if not cfg.privacy.user_level.enabled:
+        return row
+    out = {**row, **{k: None for k in PRIVATE_ROW_FIELDS if k in row}, "rejected_reasons": []}
+    out.pop("secure_aggregation", None)  # survivors and dropouts: the realized cohort
+    return out
+
+
+def cohort_mode(cfg: fcfg.RunConfig) -> str:
+    if cfg.privacy.user_level.enabled:
+        return ("secret: training cohorts drawn from OS entropy (secrets.SystemRandom), recorded only in the "
+                "server's checkpoints (files 0600); evaluation cohorts seeded")
+    return f"seeded: cohorts reproducible from seed {cfg.seed} (no subsampling amplification is claimed)"
+
+
 def privacy_report(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
     ul, dp = cfg.privacy.user_level, cfg.privacy.dp_sgd
     if not (ul.enabled or dp.enabled):
-        return {"differential_privacy": "none: no DP mechanism was enabled; no ε is claimed"}
+        return {"differential_privacy": "none: no DP mechanism was enabled; no ε is claimed",
+                "cohort": cohort_mode(cfg)}
     rep = ledger.report(user_delta=ul.delta if ul.enabled else None, record_delta=dp.delta if dp.enabled else None,
                         accountant=dp.accountant)
     rep["mechanisms"] = {"dp_sgd": dp.model_dump() if dp.enabled else None,
                          "user_level": ul.model_dump() if ul.enabled else None}
-    rep["not_covered"] = ("num-examples, evaluation metrics and which replies were rejected are released "
-                          "outside the guarantee; train loss is withheld under DP-SGD")
+    rep["cohort"] = cohort_mode(cfg)
+    if ul.enabled:
+        rep["client_sampling"] = ul.sampling
+        rep["not_covered"] = ("central evaluation on the server's own test set and the sizes of the messages "
+                              "are published; client counts, losses, rejections and local evaluation are withheld "
+                              "(docs/privacy.md lists every released quantity)")
+    else:
+        rep["not_covered"] = ("num-examples, evaluation metrics and which replies were rejected are released "
+                              "outside the guarantee; train loss is withheld under DP-SGD")
     return rep
+
+
+def history_round(rows: list[dict]) -> int:
+    return rows[-1]["round"] if rows else 0
+
+
+def _checkpoint(run_dir: Path, rnd: int, adapter: dict, strategy, digest: str, ledger: PrivacyLedger, *,
+                trained: dict) -> None:
+    """Round ``rnd``'s server state, written once the round is released (before anything leaves);
+    ``trained`` is the round's training row, reported after a crash. Secret cohorts (user-level
+    DP) travel only in here (files 0600)."""
+    extra = {"ledger": ledger.to_json(), "trained": trained}
+    if getattr(strategy, "cohorts", None):
+        extra["cohorts"] = {str(r): c for r, c in strategy.cohorts.items()}
+    try:
+        checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(),
+                        config_digest=digest, extra=extra)
+    except OSError as err:  # disk full, say: rounds so far are safe (checkpoints are atomic)
+        raise checkpoint.CheckpointError(
+            f"cannot write the round {rnd} checkpoint in {run_dir}: {err.strerror or err}; rounds up to "
+            f"{rnd - 1} are checkpointed: free space, then resume (fedge simulate --resume {run_dir})") from None
 
 
 def run_federation(
@@ -216,12 +273,16 @@ def run_federation(
     train_cfg = round_config(cfg, base_hash=ev.base.hash)
     adapter = ev.initial_adapter()
     metrics_path = run_dir / "metrics.jsonl"
+    tracker = Tracker(cfg, run_dir)  # TensorBoard / MLflow when tracking.* asks for them
+    progress.write_to(run_dir / "progress.json")  # replies so far, for `fedge server`'s live view
     fed = cfg.federation
     digest = cfg.digest()
 
     def emit(row: dict) -> None:
+        row = publishable_row(row, cfg)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        tracker.log(row)
         if on_round:
             on_round(row)
 
@@ -235,11 +296,14 @@ def run_federation(
         adapter = ck.adapter
         strategy.load_state_dict(ck.strategy_state)
         ledger = PrivacyLedger.from_json(ck.extra["ledger"]) if "ledger" in ck.extra else PrivacyLedger()
+        if hasattr(strategy, "cohorts"):
+            strategy.cohorts.update({int(r): list(c) for r, c in ck.extra.get("cohorts", {}).items()})
         rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
         rows = [r for r in rows if r["round"] <= ck.round]  # drop a half-finished round
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         initial, history, start = {"loss": rows[0]["central_loss"], "accuracy": rows[0].get("central_accuracy")}, rows[1:], ck.round + 1
-        central = {"loss": rows[-1]["central_loss"], "accuracy": rows[-1].get("central_accuracy")}
+        last = next((r for r in reversed(rows) if r.get("central_loss") is not None), rows[0])
+        central = {"loss": last["central_loss"], "accuracy": last.get("central_accuracy")}
         log.info("resuming %s after round %d", run_dir, ck.round)
     else:
         metrics_path.write_text("")
@@ -250,42 +314,35 @@ def run_federation(
         checkpoint.save(run_dir, round=0, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest,
                         extra={"ledger": ledger.to_json()})
         history, start = [], 1
+    ul = cfg.privacy.user_level
+    if ul.enabled and ul.target_epsilon:
+        # Refuse (before any message) a round that would pass the target ε, e.g. when fewer
+        # clients are connected than data.num_clients planned (fixed sampling: q = m/N grows).
+        strategy.release_guard = lambda event: ledger.check_release(event, delta=ul.delta,
+                                                                    target_epsilon=ul.target_epsilon)
     arrays = deltas.to_record(adapter)
     sa = cfg.secure_aggregation
     secure = SecAggParams(neighbours=sa.neighbours, threshold=sa.threshold,
                           fraction_bits=sa.fraction_bits) if sa.enabled else None
     caught_up: set[int] = set()  # nodes already sent the published artifact in this run
-    for rnd in range(start, fed.num_rounds + 1):
-        t0 = time.perf_counter()
-        if secure is not None:
-            new_arrays, _ = secure_train_round(grid, strategy, rnd, arrays, train_cfg, params=secure,
-                                               timeout=fed.round_timeout_s)
-        else:
-            replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, train_cfg, grid),
-                                       timeout=fed.round_timeout_s)
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        rep = strategy.report
-        if new_arrays is not None:
-            arrays = new_arrays
+
+    def finish_round(rnd: int, arrays, trained: dict, t0: float) -> None:
+        # Everything after the release (charged and checkpointed): evaluation, where the adapter leaves
+        # the server, then the metrics row.
+        nonlocal central
         eval_msgs = strategy.configure_evaluate(rnd, arrays, train_cfg, grid)
         local = strategy.aggregate_evaluate(rnd, send_and_receive(grid, eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
         adapter = deltas.from_record(arrays)
-        record_privacy(ledger, strategy, rnd)
-        central = ev(adapter, residual=getattr(strategy, "residual", None))
+        evaluated = rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds
+        if evaluated:  # central evaluation every k rounds (and always after the last): it can cost a round
+            central = ev(adapter, residual=getattr(strategy, "residual", None))
         row = {
-            "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
-            "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
-            "train_loss": rep.train_loss,
+            **trained,
             "local_eval_loss": local.get(P.M_EVAL_LOSS) if local else None,
             "local_eval_accuracy": local.get(P.M_EVAL_ACC) if local else None,
-            "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
-            "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down,
-            "bytes_up_per_client": rep.bytes_up / max(rep.accepted, 1),
-            "bytes_down_per_client": rep.bytes_down / max(rep.sampled, 1),
-            "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
+            "central_loss": central["loss"] if evaluated else None,
+            "central_accuracy": central.get("accuracy") if evaluated else None,
             **privacy_columns(ledger, cfg),
-            "failed": rep.sampled - rep.accepted,
-            **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),
             "server_rss_mb": _rss_mb(),
             "seconds": time.perf_counter() - t0,
         }
@@ -294,15 +351,44 @@ def run_federation(
             caught = catch_up(grid, strategy, cfg, attempted=caught_up, timeout=fed.round_timeout_s)
             if caught:
                 row["caught_up"] = caught
-        history.append(row)
+        history.append(publishable_row(row, cfg))
         emit(row)
+
+    if resume and history_round(history) < ck.round and "trained" in ck.extra:
+        # Killed after round ck.round was released and checkpointed, before its row: report it now.
+        finish_round(ck.round, arrays, ck.extra["trained"], time.perf_counter())
+    for rnd in range(start, fed.num_rounds + 1):
+        t0 = time.perf_counter()
         try:
-            checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(),
-                            config_digest=digest, extra={"ledger": ledger.to_json()})
-        except OSError as err:  # disk full, say: rounds so far are safe (checkpoints are atomic)
-            raise checkpoint.CheckpointError(
-                f"cannot write the round {rnd} checkpoint in {run_dir}: {err.strerror or err}; rounds up to "
-                f"{rnd - 1} are checkpointed: free space, then resume (fedge simulate --resume {run_dir})") from None
+            if secure is not None:
+                new_arrays, _ = secure_train_round(grid, strategy, rnd, arrays, train_cfg, params=secure,
+                                                   timeout=fed.round_timeout_s)
+            else:
+                replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, train_cfg, grid),
+                                           timeout=fed.round_timeout_s)
+                new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        except BudgetExceeded as err:
+            log.warning("stopping before round %d: %s", rnd, err)
+            break
+        rep = strategy.report
+        if new_arrays is not None:
+            arrays = new_arrays
+        trained = {
+            "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
+            "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
+            "train_loss": rep.train_loss, "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down,
+            "bytes_up_per_client": rep.bytes_up / max(rep.accepted, 1),
+            "bytes_down_per_client": rep.bytes_down / max(rep.sampled, 1),
+            "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
+            "failed": rep.sampled - rep.accepted,
+            **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),
+        }
+        # Charge the release and checkpoint it before the new adapter leaves the server (evaluation
+        # clients): a crash after this point resumes after this round and never releases it twice.
+        record_privacy(ledger, strategy, rnd)
+        adapter = deltas.from_record(arrays)
+        _checkpoint(run_dir, rnd, adapter, strategy, digest, ledger, trained=trained)
+        finish_round(rnd, arrays, trained, t0)
 
     # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
     models.set_adapter_state(ev.model, adapter)
@@ -335,25 +421,13 @@ def run_federation(
             summary["deployment"]["late"] = linger(grid, strategy, cfg, seconds=cfg.export.linger_s,
                                                    timeout=fed.round_timeout_s)
     if cfg.model.task == "causal-lm":
-        summary["sample_prompt"] = cfg.sample_prompt
-        summary["base_answer"] = ev.answer(cfg.sample_prompt, None)
-        summary["finetuned_answer"] = ev.answer(cfg.sample_prompt, adapter, residual)
+        summary["samples"] = answer_samples(ev, cfg, ev.holdout, adapter, residual)
+        if summary["samples"]:  # the first one under the keys older readers know
+            first = summary["samples"][0]
+            summary.update(sample_prompt=first["prompt"], base_answer=first["base"],
+                           finetuned_answer=first["finetuned"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _write_report(run_dir, summary, history)
+    write_run_report(run_dir, summary, history)  # report.md + plots/*.png
+    tracker.close()
+    progress.write_to(None)
     return summary
-
-
-def _write_report(run_dir: Path, summary: dict, history: list[dict]) -> None:
-    lines = [f"# Run {run_dir.name}", "", f"Scenario `{summary['scenario']}`, strategy `{summary['strategy']}`, "
-             f"{summary['rounds']} rounds, base `{summary['base_model']}` (sha256 {summary['base_hash'][:12]}).", "",
-             "| round | accepted | rejected | train loss | local held-out loss | central loss | bytes up/client | s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in history:
-        f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {r['round']} | {r['accepted']} | {r['rejected']} | {f(r['train_loss'])} | "
-                     f"{f(r['local_eval_loss'])} | {f(r['central_loss'])} | {r['bytes_up_per_client']:.0f} | {r['seconds']:.1f} |")
-    lines += ["", f"Central held-out loss: {summary['initial_central_loss']:.4f} → {summary['final_central_loss']:.4f}."]
-    if "sample_prompt" in summary:
-        lines += ["", f"Prompt: {summary['sample_prompt']}", "", f"- base: {summary['base_answer']}",
-                  f"- fine-tuned: {summary['finetuned_answer']}"]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")

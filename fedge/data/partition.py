@@ -1,7 +1,9 @@
 """Split records into a global held-out set and one partition per client.
 
 Order (fixed, seeded, identical on every node that runs it):
-    1. global held-out  = ``global_holdout_fraction`` of all records (server side)
+    1. global held-out  = the source's official test split (packaged Reuters) or
+       ``data.test_source`` when there is one, else ``global_holdout_fraction`` of
+       all records (server side)
     2. the rest is partitioned with a flwr-datasets partitioner:
        natural (one client per value of a column), IID, or Dirichlet(α) over labels
     3. each partition keeps ``holdout_fraction`` as its local held-out set.
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fedge.data.corpora import DataError, load_records
+from fedge.data.corpora import DataError, load_records, load_test_records
 
 
 class LazyList(Sequence):
@@ -131,12 +133,17 @@ def federated_split(
     holdout_fraction: float,
     global_holdout_fraction: float,
     seed: int,
+    test_source: str | None = None,
 ) -> FederatedData:
     """Deterministic split shared by server and clients (cached per process)."""
     ds, label_names = load_records(source, task=task, languages=languages)
     if len(ds) == 0:
         raise DataError(f"data.source {source!r} holds no records")
-    rest, global_holdout = split_holdout(ds, global_holdout_fraction, seed)
+    test = load_test_records(source, task=task, test_source=test_source, label_names=label_names)
+    if test is not None:  # an official or operator-given test set: every training record goes to clients
+        rest, global_holdout = ds.shuffle(seed=seed), test
+    else:
+        rest, global_holdout = split_holdout(ds, global_holdout_fraction, seed)
     parts = partition(rest, scheme=scheme, num_partitions=num_clients, partition_by=partition_by,
                       natural_ids=natural_ids, alpha=alpha, min_partition_size=min_partition_size, seed=seed)
     clients = LazyList(len(parts), lambda i: split_holdout(parts[i], holdout_fraction, seed + 1 + i))
@@ -146,3 +153,22 @@ def federated_split(
         names = tuple(f"client-{i}" for i in range(num_clients))
     return FederatedData(clients=clients, global_holdout=global_holdout,
                          label_names=tuple(label_names) if label_names else None, client_names=names)
+
+
+def data_args(cfg) -> dict:
+    """Flat arguments of :func:`federated_split` from a scenario (server and clients agree)."""
+    d = cfg.data
+    return dict(source=d.source, task=cfg.model.task, languages=tuple(d.languages), scheme=d.partition,
+                num_clients=d.num_clients, partition_by=d.partition_by,
+                natural_ids=tuple(d.natural_ids) if d.natural_ids else None, alpha=d.alpha,
+                min_partition_size=d.min_partition_size, holdout_fraction=d.holdout_fraction,
+                global_holdout_fraction=d.global_holdout_fraction, seed=cfg.seed, test_source=d.test_source)
+
+
+def num_labels(cfg) -> int | None:
+    """Classes of a classification scenario: ``model.num_labels``, else from the data."""
+    if cfg.model.task != "sequence-classification":
+        return None
+    if cfg.model.num_labels:
+        return cfg.model.num_labels
+    return len(federated_split(**data_args(cfg)).label_names or ()) or None
