@@ -67,6 +67,12 @@ def make_certs(out_dir: str | Path, hosts: Iterable[str] = ("127.0.0.1", "localh
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Never replace a CA: every enrolled device trusts the old one (and a planted file or link
+    # at a key path must not receive a key). Remove the files by hand to start over.
+    existing = [n for n in ("ca.crt", "ca.key", "server.pem", "server.key") if os.path.lexists(out / n)]
+    if existing:
+        raise DeployError(f"{out} already holds {', '.join(existing)}: make_certs never overwrites a CA or "
+                          "its keys (devices trust the existing ca.crt); use another directory or remove them")
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
 
@@ -102,19 +108,32 @@ def make_certs(out_dir: str | Path, hosts: Iterable[str] = ("127.0.0.1", "localh
 
     pem = serialization.Encoding.PEM
     certs = Certs(out / "ca.crt", out / "server.pem", out / "server.key")
-    certs.ca_cert.write_bytes(ca_cert.public_bytes(pem))
-    certs.server_cert.write_bytes(cert.public_bytes(pem))
+    # Keys first: a failure leaves no certificate without its key.
     _write_secret(certs.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()))
     # The CA key is only needed to issue more certificates; kept beside, owner-only.
     _write_secret(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                         serialization.NoEncryption()))
+    _write_new(certs.ca_cert, ca_cert.public_bytes(pem), 0o644)
+    _write_new(certs.server_cert, cert.public_bytes(pem), 0o644)
     return certs
 
 
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` (O_EXCL: never an existing file, never through a link)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        raise DeployError(f"{path} already exists (keys and certificates are never overwritten)") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_secret(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
+    """A private key file: created 0600 by the open call itself (no window readable by others)."""
+    _write_new(path, data, 0o600)
 
 
 # -- SuperNode authentication keys -----------------------------------------------
@@ -138,10 +157,12 @@ def make_node_keys(out_dir: str | Path, name: str) -> NodeKeys:
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     keys = NodeKeys(out / name, out / f"{name}.pub")
+    if os.path.lexists(keys.public_key):
+        raise DeployError(f"{keys.public_key} already exists (device keys are never overwritten)")
     _write_secret(keys.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                       serialization.NoEncryption()))
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    keys.public_key.write_bytes(pub + f" {name}\n".encode())
+    _write_new(keys.public_key, pub + f" {name}\n".encode(), 0o644)
     return keys
 
 

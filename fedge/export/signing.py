@@ -34,6 +34,7 @@ from fedge.export.manifest import MANIFEST, SIGNATURE, ManifestError, parse_mani
 log = logging.getLogger(__name__)
 
 SIGNATURE_BYTES = 64
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KiB; never read an unbounded file before the signature
 
 
 class SignatureError(ValueError):
@@ -146,15 +147,28 @@ def verify_manifest(artifact_dir: str | Path, public_key) -> dict:
     Payload hashes are *not* checked here (see ``fedge.runtime.store``).
     """
     artifact_dir = Path(artifact_dir)
-    trusted = load_public_key(public_key)
     try:
-        data = (artifact_dir / MANIFEST).read_bytes()
+        data = _read_capped(artifact_dir / MANIFEST, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise SignatureError("artifact has no manifest.json") from None
     try:
-        sig = (artifact_dir / SIGNATURE).read_bytes()
+        sig = _read_capped(artifact_dir / SIGNATURE, SIGNATURE_BYTES)
     except FileNotFoundError:
         raise SignatureError("artifact has no manifest.sig (unsigned artifact)") from None
+    return verify_manifest_bytes(data, sig, public_key)
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``path`` (a longer file is refused by the caller's size check)."""
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def verify_manifest_bytes(data: bytes, sig: bytes, public_key) -> dict:
+    """:func:`verify_manifest` on bytes already read (the store verifies what it will write)."""
+    trusted = load_public_key(public_key)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise SignatureError(f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
     if len(sig) != SIGNATURE_BYTES:
         raise SignatureError(f"manifest.sig must hold {SIGNATURE_BYTES} bytes, found {len(sig)}")
     try:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fedge.export.manifest import ManifestError, read_manifest, sha256_file
-from fedge.runtime.store import ArtifactRefused, current_dir
+from fedge.runtime.store import VERSIONS, ArtifactRefused, current, current_dir, installed_versions
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class LocalModel:
     labels: list[str] | None = None
     files: dict[str, str] = field(default_factory=dict)  # what was loaded, for reports
     compute: str | None = None  # torch: "fp32" or "int8-dynamic" (int8 Linear layers); llama.cpp: None
+    fallback_from: dict[str, Any] | None = None  # the current version refused at load, when an older one runs
 
     @property
     def name(self) -> str:
@@ -143,9 +144,53 @@ def check_hashes(artifact_dir: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactRefused("hash", f"installed file {rel} changed since install (sha256 mismatch)")
 
 
-def load_installed(store_dir: str | Path, **kwargs) -> LocalModel:
-    """Load the store's current version (keyword arguments as :func:`load_artifact`)."""
-    return load_artifact(current_dir(store_dir), **kwargs)
+def device_base_hash(manifest: dict[str, Any], *, base_source: str | None = None,
+                     cache_dir: str | Path | None = None) -> str | None:
+    """This device's hash of the base an adapter artifact names (None for merged artifacts).
+
+    ``fedge.models.base_hash`` of the base loaded from ``base_source`` (default: the
+    manifest's ``base_model.id``); the store refuses the artifact when it differs from
+    the manifest's ``base_model.sha256``. Classifier heads are not hashed, so any
+    label count loads the same hash.
+    """
+    if manifest["mode"] != "adapter":
+        return None
+    from fedge.models import load_base
+
+    task = manifest["task"]
+    num_labels = (len(manifest.get("labels") or []) or 2) if task == "sequence-classification" else None
+    return load_base(base_source or manifest["base_model"]["id"], task=task, num_labels=num_labels,
+                     cache_dir=cache_dir).hash
+
+
+def load_installed(store_dir: str | Path, *, fallback: bool = True, **kwargs) -> LocalModel:
+    """Load the store's current version (keyword arguments as :func:`load_artifact`).
+
+    When the current version is refused at load (its base differs from this device's,
+    a file changed since install, ...) and ``fallback`` is on, the newest older
+    installed version that loads is used instead and ``LocalModel.fallback_from``
+    says which version was refused and why. The store is not changed (``fedge
+    rollback`` makes the switch permanent); with no older version that loads, the
+    first refusal is raised.
+    """
+    store_dir = Path(store_dir)
+    try:
+        return load_artifact(current_dir(store_dir), **kwargs)
+    except ArtifactRefused as err:
+        if not fallback:
+            raise
+        refused, first = current(store_dir), err
+    for v in sorted((v for v in installed_versions(store_dir) if v < refused), reverse=True):
+        try:
+            model = load_artifact(Path(store_dir) / VERSIONS / str(v), **kwargs)
+        except ArtifactRefused as err:
+            log.warning("version %d refused too: %s", v, err)
+            continue
+        model.fallback_from = {"version": refused, "reason": first.reason, "message": str(first)}
+        log.warning("installed version %d refused at load (%s); serving version %d instead "
+                    "(fedge rollback makes that permanent)", refused, first, v)
+        return model
+    raise first
 
 
 def load_artifact(

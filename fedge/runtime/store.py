@@ -7,9 +7,15 @@ Layout of ``store_dir``::
     .lock                   flock held during install / rollback
     .incoming-*/            an install in progress (removed on failure)
 
-``install`` copies the artifact into ``.incoming-*`` first and verifies the *copy*
-(so what is checked is what is installed), in this order, refusing with
-:class:`ArtifactRefused` (``reason`` = the short code in brackets):
+``install`` first checks the *source* without reading any payload byte: its directory
+listing (1), then the signature over ``manifest.json`` read once with a size cap (2-3);
+only a manifest the trusted key signed makes it copy anything, and then only the files
+it lists, each read up to its listed size (a larger file is refused mid-copy), after
+checking that their total fits ``max_bytes`` and the free space [size]. Stale
+``.incoming-*`` copies left by a killed install are removed first (the lock proves no
+install is running). It then verifies the *copy* (so what is checked is what is
+installed), in this order, refusing with :class:`ArtifactRefused` (``reason`` = the
+short code in brackets):
 
 1. every file is a regular file of an allowed type (``.json``, ``.sig``, ``.safetensors``,
    ``.gguf``, ``.onnx``, ``.txt``, ``.jinja``, ``.model``); pickle-based weights
@@ -20,7 +26,9 @@ Layout of ``store_dir``::
 5. adapter mode: its base hash equals ``local_base_hash`` (when given)   [base-hash]
 6. the files present are exactly the files listed                          [files]
 7. every file's size and sha256 match the manifest                        [hash]
-8. every file parses as its type (safetensors header, GGUF magic, JSON)   [format]
+8. every file parses as its type (safetensors header, GGUF magic, JSON), and no
+   file, whatever its name, holds a pickle stream or a zip archive (checked by
+   content: pickle opcodes parsed up to STOP, zip magic)                  [format]
 
 then renames the copy to ``versions/<v>``, fsyncs, and replaces ``current``.
 A refusal leaves the store exactly as it was. "highest" never goes down, so a
@@ -31,7 +39,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import pickletools
 import shutil
 import stat
 import uuid
@@ -40,12 +50,18 @@ from pathlib import Path
 from typing import Any
 
 from fedge.export.manifest import MANIFEST, SIGNATURE, ManifestError, sha256_file
-from fedge.export.signing import SignatureError, verify_manifest
+from fedge.export.signing import (MAX_MANIFEST_BYTES, SIGNATURE_BYTES, SignatureError, verify_manifest,
+                                  verify_manifest_bytes)
 
 ALLOWED_SUFFIXES = (".json", ".sig", ".safetensors", ".gguf", ".onnx", ".txt", ".jinja", ".model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".dill", ".h5")
 STATE = "current"
 VERSIONS = "versions"
+INCOMING = ".incoming-"
+MAX_ARTIFACT_BYTES = 64 << 30  # default cap on the payload of one artifact (a merged 8B model in fp32 fits)
+PICKLE_MAX_OPS = 1_000_000  # a stream that parses this far as pickle opcodes is treated as a pickle
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -86,14 +102,55 @@ def check_file_types(artifact_dir: Path) -> list[str]:
     return files
 
 
+class _Bounded:
+    """Read-only view of an open file for ``pickletools.genops``: no read past the end, bounded lines
+    (a length field of 2**63 must not become a 2**63-byte allocation)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.f.tell()
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline(1 << 20)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def is_pickle(path: Path) -> bool:
+    """True when the file, read from byte 0, parses as a pickle program up to its STOP opcode.
+
+    Content, not name: ``pickletools.genops`` decodes opcodes without executing any. Any
+    text or binary format fedge installs hits an unknown opcode within a few bytes
+    (JSON starts with ``{``/``[``, safetensors' 8-byte length holds 0x00 bytes, GGUF's
+    magic is not a program); a pickle of any protocol, including the all-ASCII protocol
+    0 that is valid UTF-8 "text", reaches STOP. (``manifest.sig`` is random bytes and is
+    never loaded by anything but the verifier: it is not checked.)
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            for n, (op, _, _) in enumerate(pickletools.genops(_Bounded(f, size)), 1):
+                if (op.name == "STOP" and n > 1) or n >= PICKLE_MAX_OPS:  # pickle.dumps never writes a bare STOP
+                    return True
+        except Exception:  # noqa: BLE001 - any decoding error means "not a pickle program"
+            return False
+    return False
+
+
 def _check_format(path: Path, rel: str) -> None:
-    """Cheap structural check of one payload file by its suffix."""
+    """Structural check of one payload file: by content for pickle/zip, by suffix for its own format."""
     suffix = path.suffix.lower()
+    if is_pickle(path):
+        raise ArtifactRefused("format", f"{rel} holds a pickle stream (pickle is never loaded, whatever the name)")
     with open(path, "rb") as f:
         head = f.read(16)
         size = path.stat().st_size
-        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and suffix != ".safetensors":
-            raise ArtifactRefused("format", f"{rel} looks like a pickle stream")
+        if head[:4] == b"PK\x03\x04":
+            raise ArtifactRefused("format", f"{rel} is a zip archive (torch.save format is never loaded)")
         if suffix == ".safetensors":
             n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
             if n <= 0 or n > size - 8:
@@ -120,8 +177,41 @@ def _check_format(path: Path, rel: str) -> None:
                 f.read().decode("utf-8")
             except UnicodeDecodeError:
                 raise ArtifactRefused("format", f"{rel} is not UTF-8 text") from None
-        elif head[:4] == b"PK\x03\x04":
-            raise ArtifactRefused("format", f"{rel} is a zip archive (torch.save format is never loaded)")
+
+
+def _verified_manifest(data: bytes, sig: bytes, trusted_public_key) -> dict[str, Any]:
+    try:
+        return verify_manifest_bytes(data, sig, trusted_public_key)
+    except SignatureError as err:
+        raise ArtifactRefused("signature", str(err)) from None
+    except ManifestError as err:
+        raise ArtifactRefused("manifest", str(err)) from None
+
+
+def _check_claims(manifest: dict[str, Any], present: list[str], *, local_base_hash: str | None,
+                  newer_than: int) -> None:
+    """Checks 4-6: version, base hash, listed files == present files (no payload byte is read)."""
+    version = manifest["version"]
+    if version <= newer_than:
+        raise ArtifactRefused("version", f"version {version} is not newer than installed version "
+                                         f"{newer_than} (downgrade / replay refused)")
+    if manifest["mode"] == "adapter" and local_base_hash is not None:
+        want = manifest["base_model"].get("sha256")
+        if want != local_base_hash:
+            raise ArtifactRefused("base-hash", f"adapter was trained on base {str(want)[:16]}… "
+                                               f"({manifest['base_model'].get('id')}), this device's base is "
+                                               f"{local_base_hash[:16]}…")
+    listed = set(manifest["files"])
+    if listed & {MANIFEST, SIGNATURE}:
+        raise ArtifactRefused("manifest", "the manifest lists manifest.json or manifest.sig as a payload file")
+    bad_size = sorted(rel for rel, e in manifest["files"].items() if e["size"] < 0)
+    if bad_size:
+        raise ArtifactRefused("manifest", f"negative size for {bad_size[0]}")
+    payload = set(present) - {MANIFEST, SIGNATURE}
+    if payload - listed:
+        raise ArtifactRefused("files", f"file not listed in the manifest: {sorted(payload - listed)[0]}")
+    if listed - payload:
+        raise ArtifactRefused("files", f"file listed in the manifest is missing: {sorted(listed - payload)[0]}")
 
 
 def verify_artifact(
@@ -140,22 +230,8 @@ def verify_artifact(
         raise ArtifactRefused("signature", str(err)) from None
     except ManifestError as err:
         raise ArtifactRefused("manifest", str(err)) from None
-    version = manifest["version"]
-    if version <= newer_than:
-        raise ArtifactRefused("version", f"version {version} is not newer than installed version "
-                                         f"{newer_than} (downgrade / replay refused)")
-    if manifest["mode"] == "adapter" and local_base_hash is not None:
-        want = manifest["base_model"].get("sha256")
-        if want != local_base_hash:
-            raise ArtifactRefused("base-hash", f"adapter was trained on base {str(want)[:16]}… "
-                                               f"({manifest['base_model'].get('id')}), this device's base is "
-                                               f"{local_base_hash[:16]}…")
+    _check_claims(manifest, present, local_base_hash=local_base_hash, newer_than=newer_than)
     listed = set(manifest["files"])
-    payload = set(present) - {MANIFEST, SIGNATURE}
-    if payload - listed:
-        raise ArtifactRefused("files", f"file not listed in the manifest: {sorted(payload - listed)[0]}")
-    if listed - payload:
-        raise ArtifactRefused("files", f"file listed in the manifest is missing: {sorted(listed - payload)[0]}")
     for rel in sorted(listed):
         entry, path = manifest["files"][rel], artifact_dir / rel
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
@@ -163,6 +239,26 @@ def verify_artifact(
     for rel in sorted(listed):
         _check_format(artifact_dir / rel, rel)
     return manifest
+
+
+def verify_source(artifact_dir: str | Path, *, trusted_public_key) -> tuple[dict[str, Any], bytes, bytes]:
+    """Checks 1-3 on an artifact where it lies, reading only ``manifest.json`` (capped) and
+    ``manifest.sig``: (manifest, manifest bytes, signature bytes). Nothing is copied yet."""
+    artifact_dir = Path(artifact_dir)
+    present = check_file_types(artifact_dir)
+    if MANIFEST not in present:
+        raise ArtifactRefused("manifest", f"{artifact_dir} has no manifest.json")
+    if SIGNATURE not in present:
+        raise ArtifactRefused("signature", "artifact has no manifest.sig (unsigned artifact)")
+    data, sig = _read_capped(artifact_dir / MANIFEST, MAX_MANIFEST_BYTES), \
+        _read_capped(artifact_dir / SIGNATURE, SIGNATURE_BYTES)
+    return _verified_manifest(data, sig, trusted_public_key), data, sig
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit + 1)  # one byte more: an oversized file fails the size check, unread
 
 
 # -- store state ------------------------------------------------------------------------------
@@ -205,21 +301,52 @@ def _locked(store_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _copy_verbatim(src: Path, dst: Path) -> None:
-    """Copy regular files (fsynced); refuse links and special files before reading anything."""
-    check_file_types(src)
-    for p in sorted(src.rglob("*")):
-        target = dst / p.relative_to(src)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_listed(src: Path, dst: Path, manifest: dict[str, Any], data: bytes, sig: bytes) -> None:
+    """Copy exactly the listed files (fsynced), each cut off one byte past its listed size.
+
+    The manifest and signature written are the bytes that were verified, not a re-read.
+    """
+    dst.mkdir()
+    _write_synced(dst / MANIFEST, data)
+    _write_synced(dst / SIGNATURE, sig)
+    for rel in sorted(manifest["files"]):
+        size = manifest["files"][rel]["size"]
+        target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "rb") as fin, open(target, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 22)
+        fd = os.open(src / rel, os.O_RDONLY | os.O_NOFOLLOW)  # a link swapped in after the listing is refused
+        with os.fdopen(fd, "rb") as fin, open(target, "xb") as fout:
+            if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+                raise ArtifactRefused("file-type", f"{rel} is not a regular file")
+            left = size
+            while left > 0:
+                chunk = fin.read(min(left, 1 << 22))
+                if not chunk:
+                    break
+                fout.write(chunk)
+                left -= len(chunk)
+            if left or fin.read(1):
+                raise ArtifactRefused("hash", f"size mismatch for {rel} (the manifest says {size} bytes)")
             fout.flush()
             os.fsync(fout.fileno())
     for d in sorted({t.parent for t in dst.rglob("*")} | {dst}, key=lambda x: -len(x.parts)):
         _fsync_dir(d)
+
+
+def sweep_incoming(store_dir: Path) -> list[str]:
+    """Remove partial copies left by an install that was killed (call with the store lock held)."""
+    gone = []
+    for p in store_dir.iterdir():
+        if p.name.startswith(INCOMING) or (p.name.startswith(f".{STATE}.") and p.is_file()):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(p.name)
+    return gone
 
 
 def install(
@@ -228,23 +355,38 @@ def install(
     store_dir: str | Path,
     trusted_public_key,
     local_base_hash: str | None = None,
+    max_bytes: int = MAX_ARTIFACT_BYTES,
 ) -> int:
     """Verify and install an artifact; return its version (see the module docstring).
 
     ``trusted_public_key``: the server key pinned at enrolment (PEM / hex / raw file,
     bytes, or key object). ``local_base_hash``: this device's
     ``fedge.models.base_hash`` (adapter artifacts; the runtime checks it again at load).
+    ``max_bytes``: the largest payload (sum of the listed sizes) accepted.
     """
     artifact_dir, store_dir = Path(artifact_dir), Path(store_dir)
     if not (artifact_dir / MANIFEST).is_file():
         raise ArtifactRefused("manifest", f"{artifact_dir} has no manifest.json")
     with _locked(store_dir):
+        gone = sweep_incoming(store_dir)
+        if gone:
+            log.warning("removed %d partial install(s) left in %s: %s", len(gone), store_dir, gone)
         state = _read_state(store_dir)
+        # Signature and claims on the source first: an unsigned or foreign artifact costs no copy.
+        manifest, data, sig = verify_source(artifact_dir, trusted_public_key=trusted_public_key)
+        _check_claims(manifest, check_file_types(artifact_dir), local_base_hash=local_base_hash,
+                      newer_than=int(state["highest"]))
+        total = sum(e["size"] for e in manifest["files"].values())
+        if total > max_bytes:
+            raise ArtifactRefused("size", f"artifact payload is {total} bytes, more than the {max_bytes} allowed")
+        free = shutil.disk_usage(store_dir).free
+        if total > free:
+            raise ArtifactRefused("size", f"artifact payload is {total} bytes, {store_dir} has {free} free")
         versions = store_dir / VERSIONS
         versions.mkdir(exist_ok=True)
-        incoming = store_dir / f".incoming-{uuid.uuid4().hex}"
+        incoming = store_dir / f"{INCOMING}{uuid.uuid4().hex}"
         try:
-            _copy_verbatim(artifact_dir, incoming)
+            _copy_listed(artifact_dir, incoming, manifest, data, sig)
             manifest = verify_artifact(incoming, trusted_public_key=trusted_public_key,
                                        local_base_hash=local_base_hash, newer_than=int(state["highest"]))
             version = manifest["version"]

@@ -212,7 +212,9 @@ def test_rollback_keeps_high_water_mark(store, artifacts, keys, base_hash, llama
 def test_tampering_after_install_is_caught_at_load(store):
     _flip_byte(store / "versions" / "2" / "adapter_model.safetensors")
     with pytest.raises(ArtifactRefused, match="changed since install"):
-        load_installed(store)
+        load_installed(store, fallback=False)
+    model = load_installed(store)  # the default: fall back to the previous version, say why
+    assert model.version == 1 and model.fallback_from["reason"] == "hash"
 
 
 def test_transport_as_arrays_round_trip(artifacts, keys, tmp_path):
