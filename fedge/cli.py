@@ -31,7 +31,7 @@ def _round_line(row: dict) -> str:
     acc = f" acc {row['central_accuracy']:.3f} |" if row.get("central_accuracy") is not None else ""
     return (f"round {row['round']:>3} | clients {row['accepted']}/{row['sampled']}"
             f"{' (' + str(row['rejected']) + ' rejected)' if row['rejected'] else ''} | "
-            f"train loss {_fmt(row['train_loss'])} | held-out loss {row['central_loss']:.4f} |{acc} "
+            f"train loss {_fmt(row['train_loss'])} | held-out loss {_fmt(row['central_loss'])} |{acc} "
             f"local {_fmt(row['local_eval_loss'])} | up {_mib(row['bytes_up_per_client'])} MiB/client "
             f"down {_mib(row['bytes_down_per_client'])} MiB/client |{_eps(row)} {row['seconds']:.1f} s")
 
@@ -57,13 +57,16 @@ def cmd_simulate(args) -> int:
     else:
         cfg = fcfg.load(args.scenario, args.set)
         run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
+    from fedge.progress import LiveView
+
     print(f"fedge simulate: scenario '{cfg.name}', {cfg.data.num_clients} clients "
           f"({cfg.federation.clients_per_round}/round), {cfg.federation.num_rounds} rounds, "
           f"model {cfg.model.source}, strategy {cfg.strategy.name}")
     print(f"run directory: {run_dir}", flush=True)
     t0 = time.perf_counter()
-    summary = simulate(cfg, run_dir, on_round=lambda row: print(_round_line(row), flush=True), verbose=args.verbose,
-                       resume=bool(args.resume), force=args.force)
+    with LiveView(cfg.federation.num_rounds, format_row=_round_line, quiet=args.quiet) as view:
+        summary = simulate(cfg, run_dir, on_round=view.round_done, verbose=args.verbose,
+                           resume=bool(args.resume), force=args.force)
     print(f"\nheld-out loss {summary['initial_central_loss']:.4f} -> {summary['final_central_loss']:.4f}"
           f"  ({summary['adapter_parameters']:,} adapter parameters exchanged; base {summary['base_parameters']:,})")
     priv = summary.get("privacy", {})
@@ -84,11 +87,39 @@ def cmd_simulate(args) -> int:
             refused = {k: v for k, v in dep["devices"].items() if "refused" in v}
             line += "".join(f"\n  {k}: refused ({v['refused']}): {v.get('message', '')}" for k, v in refused.items())
         print(line)
-    if "sample_prompt" in summary:
-        print(f"\nprompt:     {summary['sample_prompt']}")
-        print(f"base:       {summary['base_answer']}")
-        print(f"fine-tuned: {summary['finetuned_answer']}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/ (metrics.jsonl, adapter/, report.md)")
+    for s in summary.get("samples") or []:
+        print(_sample_block(s))
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/ (metrics.jsonl, adapter/, "
+          f"report.md, plots/)")
+    return 0
+
+
+def _sample_block(s: dict) -> str:
+    """One demo prompt: reference, base and fine-tuned answers, with the reference's loss under each model."""
+    def loss(v):
+        return "" if v is None else f"  [loss of the reference {v:.2f}]"
+
+    from fedge.reporting import one_line
+
+    out = [f"\nprompt ({s.get('source', '')}): {one_line(s['prompt'])}"]
+    if s.get("reference") is not None:
+        out.append(f"  reference:  {one_line(s['reference'])}")
+    out += [f"  base:       {s['base']}{loss(s.get('base_loss'))}",
+            f"  fine-tuned: {s['finetuned']}{loss(s.get('finetuned_loss'))}"]
+    return "\n".join(out)
+
+
+def cmd_report(args) -> int:
+    """Plots of several runs on the same axes + tables, as one offline HTML page."""
+    from fedge.reporting import ReportError, write_html
+
+    out = Path(args.out) if args.out else Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    try:
+        page = write_html([Path(d) for d in args.run_dirs], out, title=args.title)
+    except ReportError as err:
+        print(f"fedge: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {page} (open it in a browser; plots in {out / 'plots'}/)")
     return 0
 
 
@@ -96,6 +127,29 @@ def cmd_privacy(argv: list[str]) -> int:
     from fedge.privacy.accounting import main as privacy_main
 
     return privacy_main(argv)
+
+
+def cmd_audit(args) -> int:
+    """Canary audit of a scenario's privacy: ε_lb (measured) beside ε; exit 1 when ε_lb > ε."""
+    from server.app import new_run_dir
+    from simulations import audit
+
+    cfg = fcfg.load(args.scenario, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
+    access = args.access or ("white" if args.level == "user" else "black")
+    canaries = args.canaries or (2000 if args.level == "user" else 256)
+    if not 0.5 <= args.confidence < 1:
+        raise fcfg.ConfigError(f"--confidence must be in [0.5, 1), got {args.confidence}")
+    try:
+        result = audit.audit_scenario(cfg, level=args.level, access=access, canaries=canaries, seed=args.seed,
+                                      mechanism=args.mechanism, p=1.0 - args.confidence)
+    except ValueError as err:
+        print(f"fedge audit: {err}", file=sys.stderr)
+        return 2
+    audit.write(result, run_dir)
+    print(audit.summary_line(result))
+    print(f"outputs: {run_dir}/audit.json, report.md, {result['plot']}")
+    return 1 if audit.violated(result) else 0
 
 
 def cmd_keys(args) -> int:
@@ -126,7 +180,7 @@ def cmd_export(args) -> int:
     privacy = json.loads((run / "privacy.json").read_text()) if (run / "privacy.json").exists() else {}
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     metrics = {k: summary.get(k) for k in ("final_central_loss", "final_central_accuracy") if k in summary}
-    from clients.runtime import data_args
+    from fedge.data import data_args
     from fedge.data import federated_split
 
     labels = federated_split(**data_args(cfg)).label_names
@@ -193,40 +247,68 @@ def cmd_certs(args) -> int:
 
 
 def cmd_server(args) -> int:
-    """SuperLink (TLS + node auth when given) + the run; streams rounds until the summary."""
+    """SuperLink on loopback + a Fleet-only proxy on --host:--port + the signed run; streams rounds until the summary.
+
+    A non-loopback --host needs --certs and always runs with SuperNode authentication.
+    """
     from fedge import deploy as D
+    from fedge.appsign import sign_app
 
     cfg = fcfg.load(args.scenario, args.set)  # validate here, before any process starts
     home = Path(args.home)
     certs = D.Certs(Path(args.certs) / "ca.crt", Path(args.certs) / "server.pem", Path(args.certs) / "server.key") \
         if args.certs else None
-    link = D.start_superlink(host=args.host, port=args.port, home=home, certs=certs,
-                             enable_supernode_auth=bool(args.register))
+    if not D.is_loopback(args.host) and certs is None:
+        raise D.DeployError(f"--host {args.host} is not a loopback address: --certs is required (TLS), "
+                            "and devices must be registered (--register)")
+    # The operator's signing key signs the app bundle (devices pinning its .pub run nothing else) and the artifacts.
+    key = cfg.signing_key()
+    if not key.exists():
+        from fedge.export import generate_keypair
+
+        print(f"no signing key at {key}: generating one (devices must pin {key.with_suffix('.pub')})", flush=True)
+        generate_keypair(key.parent, name=key.stem)
+    app_dir = Path(args.app_dir) if args.app_dir else Path(__file__).resolve().parent.parent
+    signature = sign_app(app_dir, key)
+    control = args.control_address.rpartition(":") if args.control_address else ("127.0.0.1", ":", "")
+    server = D.start_server(home=home, host=args.host, port=args.port, certs=certs,
+                            control_host=control[0].strip("[]") or "127.0.0.1",
+                            control_port=int(control[2]) if control[2] else None,
+                            supernode_auth=bool(args.register) or not D.is_loopback(args.host))
+    link = server.link
+    print(f"devices connect to {server.fleet_address} (Fleet API only); Control API on {server.control_address}"
+          f"{' (SuperNode authentication on)' if server.supernode_auth else ''}", flush=True)
     try:
         flwr_home = home / "cli-home"
-        D.write_connection(flwr_home, "fedge", f"{args.host}:{args.port}", ca_cert=certs.ca_cert if certs else None)
+        D.write_connection(flwr_home, "fedge", server.control_address, ca_cert=certs.ca_cert if certs else None)
         for pub in args.register:
             print(f"registered device key {pub} as node {D.register_node(pub, connection='fedge', flwr_home=flwr_home)}")
         run_dir = Path(args.run_dir) if args.run_dir else home / "runs" / cfg.name
-        app_dir = Path(args.app_dir) if args.app_dir else Path(__file__).resolve().parent.parent
         run_id = D.submit_run(app_dir, connection="fedge", flwr_home=flwr_home, scenario=args.scenario,
-                              run_dir=run_dir, overrides=args.set)
+                              run_dir=run_dir, overrides=args.set, app_signature=signature)
         print(f"run {run_id} submitted; waiting for {cfg.federation.clients_per_round} devices; outputs in {run_dir}",
               flush=True)
-        seen = 0
-        while not (run_dir / "summary.json").exists():
-            rows = D.read_metrics(run_dir)
-            for row in rows[seen:]:
-                print(_round_line(row), flush=True)
-            seen = len(rows)
-            if link.poll() is not None:
-                raise D.DeployError(f"the SuperLink exited ({link.returncode}); see {home / 'superlink.log'}")
-            time.sleep(1.0)
-        for row in D.read_metrics(run_dir)[seen:]:
-            print(_round_line(row), flush=True)
-        print(f"done: {run_dir}/summary.json")
+        from fedge import progress
+
+        seen, started, last_event = 0, time.time(), None
+        with progress.LiveView(cfg.federation.num_rounds, format_row=_round_line, quiet=args.quiet) as view:
+            while not (run_dir / "summary.json").exists():
+                rows = D.read_metrics(run_dir)
+                for row in rows[seen:]:
+                    view.round_done(row)
+                seen = len(rows)
+                event = progress.read_file(run_dir / "progress.json")  # written by the ServerApp process
+                if event and event != last_event and event.get("time", 0) >= started:
+                    view.on_event(event)
+                    last_event = event
+                if link.poll() is not None:
+                    raise D.DeployError(f"the SuperLink exited ({link.returncode}); see {home / 'superlink.log'}")
+                time.sleep(1.0)
+            for row in D.read_metrics(run_dir)[seen:]:
+                view.round_done(row)
+        print(f"done: {run_dir}/summary.json (report.md, plots/)")
     finally:
-        D.stop(link)
+        server.stop()
     return 0
 
 
@@ -234,6 +316,10 @@ def cmd_client(args) -> int:
     """A SuperNode for this device, training on its own file; runs until stopped."""
     from fedge import deploy as D
 
+    host = args.server.rpartition(":")[0].strip("[]") or args.server
+    if not D.is_loopback(host) and not args.trusted_key:
+        raise D.DeployError(f"--server {args.server} is not on this machine: --trusted-key (the operator's public "
+                            "key, pinned at enrolment) is required; without it any app bundle would run here")
     node = D.start_client(server=args.server, data=args.data, device_id=args.device_id, home=args.home,
                           root_certificates=args.root_certificates, auth_key=args.auth_key,
                           state_dir=args.state_dir, clientappio_port=args.clientappio_port,
@@ -284,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
     sp.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     sp.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    sp.add_argument("--quiet", action="store_true", help="no live view and no round lines; the summary only")
     sp.set_defaults(fn=cmd_simulate)
+
+    sp = sub.add_parser("report", help="compare runs: plots on the same axes and tables in one offline HTML page")
+    sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    sp.add_argument("--out", help="output directory (default: runs/report-<UTC time>/)")
+    sp.add_argument("--title")
+    sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("config", help="validate a scenario and print the resolved config")
     scenario_args(sp)
@@ -354,11 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--home", default="fedge-server", help="SuperLink state, logs and runs (default: %(default)s)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=9093)
-    sp.add_argument("--certs", help="directory from `fedge certs` (TLS on); without it: insecure, loopback only")
+    sp.add_argument("--certs", help="directory from `fedge certs` (TLS on); required unless --host is loopback")
     sp.add_argument("--register", action="append", default=[], metavar="DEVICE.pub",
-                    help="device public key to register (turns SuperNode authentication on; repeatable)")
+                    help="device public key to register (repeatable; SuperNode authentication is on with it "
+                         "and always on a non-loopback --host)")
+    sp.add_argument("--control-address", metavar="HOST:PORT",
+                    help="where the SuperLink's Control API listens (default: 127.0.0.1 on a free port); "
+                         "never the Fleet address --host:--port")
     sp.add_argument("--run-dir")
     sp.add_argument("--app-dir", help="the fedge app directory (default: this installation)")
+    sp.add_argument("--quiet", action="store_true", help="no live view and no round lines")
     sp.set_defaults(fn=cmd_server)
 
     sp = sub.add_parser("client", help="deployment: run this device as a SuperNode on its own data")
@@ -369,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root-certificates", help="the CA certificate (TLS)")
     sp.add_argument("--auth-key", help="this device's private key (SuperNode authentication)")
     sp.add_argument("--state-dir", help="persistent state: model store, DP accountant history")
-    sp.add_argument("--trusted-key", help="the server's artifact-signing public key (fedge keys generate), "
-                                          "pinned at enrolment: deployed models signed by anything else are refused")
+    sp.add_argument("--trusted-key", help="the server's signing public key (fedge keys generate), pinned at "
+                                          "enrolment: app bundles and deployed models signed by anything else are "
+                                          "refused (required unless --server is on this machine)")
     sp.add_argument("--clientappio-port", type=int,
                     help="local port between the SuperNode and its ClientApp processes (Flower's default: 9094); "
                          "set it when several devices share one machine")
@@ -380,6 +479,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-worker", action="store_true",
                     help="no warm worker: every message loads the model in a fresh process (slower)")
     sp.set_defaults(fn=cmd_client)
+
+    sp = sub.add_parser("audit", help="measure privacy with canaries: a lower bound ε_lb beside the accountant's ε "
+                        "(exit 1 when ε_lb > ε)")
+    scenario_args(sp)
+    sp.add_argument("--level", choices=["user", "record"], default="user",
+                    help="user: canary clients through the server's DP aggregation; record: canary records in DP-SGD")
+    sp.add_argument("--access", choices=["white", "black"],
+                    help="auditor's view (default: white for user level, black for record level)")
+    sp.add_argument("--canaries", type=int, help="number of canaries m, each included with probability 1/2 "
+                    "(default 2000 user level, 256 record level)")
+    sp.add_argument("--confidence", type=float, default=0.95, help="confidence of ε_lb (default %(default)s)")
+    sp.add_argument("--seed", type=int, default=0, help="canary and inclusion seed (default %(default)s)")
+    sp.add_argument("--mechanism", help="user level: audit this UserLevelDP-compatible class ('pkg.module:Class')")
+    sp.add_argument("--run-dir", help="write audit.json, the plot and a report.md section here "
+                    "(e.g. the run being audited; default: a new runs/<run-id>/)")
+    sp.set_defaults(fn=cmd_audit)
 
     sp = sub.add_parser("strategies", help="list the registered aggregation strategies")
     sp.add_argument("--json", action="store_true")
