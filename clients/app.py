@@ -110,6 +110,25 @@ def _state_dir(context: Context) -> Path | None:
     return Path(str(root)) / client_name(context) if root else None
 
 
+PINNED_KEY_FILE = "trusted-key.pub"  # in the state root: the simulation runner's enrolment of its virtual devices
+
+
+def pinned_key(context: Context) -> str | None:
+    """The server signing key this device pinned at enrolment, or None.
+
+    Node config ``trusted-key`` (``fedge client --trusted-key``), else ``trusted-key.pub``
+    in the device state root (node config ``state-dir``, or the simulation runner's
+    environment, which writes it when it creates the virtual devices' state). Never the
+    run config: whoever submits a run would choose the key its models are checked against.
+    """
+    nc = context.node_config
+    if nc.get(P.NODE_TRUSTED_KEY):
+        return str(nc[P.NODE_TRUSTED_KEY])
+    root = nc.get(P.NODE_STATE_DIR) or os.environ.get(STATE_DIR_ENV)
+    pin = Path(str(root)) / PINNED_KEY_FILE if root else None
+    return str(pin) if pin is not None and pin.is_file() else None
+
+
 def _store_dir(context: Context) -> Path:
     """This device's model store (deployed artifacts)."""
     return (_state_dir(context) or Path.home() / ".fedge" / client_name(context)) / "models"
@@ -261,9 +280,25 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
         meta = ConfigRecord({P.META_BASE_HASH: rt.base.hash, P.META_ENCODING: "secagg"})
         return Message(RecordDict({P.ARRAYS: wire, P.METRICS: public, P.META: meta}), reply_to=msg)
 
-    app.query("secagg_setup")(secagg.setup)
-    app.query("secagg_share")(secagg.share_keys)
-    app.query("secagg_check")(secagg.consistency_check)
+    # A device (node config ``state-dir``) keeps its secure-aggregation identity key and the
+    # keys it pinned for its peers on disk: they outlast a run. A simulated client keeps
+    # them in Context.state (one run).
+    def key_dir(context: Context) -> Path | None:
+        root = context.node_config.get(P.NODE_STATE_DIR)
+        return Path(str(root)) / client_name(context) if root else None
+
+    @app.query("secagg_setup")
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        return secagg.setup(msg, context, key_dir=key_dir(context))
+
+    @app.query("secagg_share")
+    def secagg_share(msg: Message, context: Context) -> Message:
+        return secagg.share_keys(msg, context, key_dir=key_dir(context))
+
+    @app.query("secagg_check")
+    def secagg_check(msg: Message, context: Context) -> Message:
+        return secagg.consistency_check(msg, context, key_dir=key_dir(context))
+
     app.query("secagg_unmask")(secagg.unmask)
 
     @app.evaluate()
@@ -290,7 +325,12 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
         cfg = _scenario_for(context, config_path)
         rt = get_runtime(cfg)
         store = _store_dir(context)
-        key = context.node_config.get(P.NODE_TRUSTED_KEY) or cfg.signing_key().with_suffix(".pub")
+        key = pinned_key(context)
+        if key is None:  # never fall back to a key named by the run config: its submitter is not trusted
+            result = {P.DEPLOY_REFUSED: "no-trusted-key", P.DEPLOY_VERSION: current(store) or 0,
+                      P.DEPLOY_MESSAGE: "this device pinned no signing key at enrolment (fedge client "
+                                        "--trusted-key): deployed models are refused"}
+            return Message(RecordDict({P.DEPLOY_RESULT: ConfigRecord(result)}), reply_to=msg)
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 arrays_to_artifact(deltas.from_record(msg.content[P.ARTIFACT]), tmp)

@@ -5,7 +5,8 @@ keeps its secrets in the node's Flower ``Context.state`` (which the simulation e
 and the SuperNode keep per node for the whole run), never on the wire:
 
 1. setup:   fresh X25519 pairs (c: share encryption, s: pair masks) -> public keys, signed
-            with the client's Ed25519 identity key (kept in ``Context.state`` for the run)
+            with the client's Ed25519 identity key (on a device's disk when it has a state
+            directory, kept across runs; else in ``Context.state`` for the run)
 2. share:   check every neighbour's keys (signed by the identity key this client pinned
             for that name at first contact, all distinct); fresh self-mask seed b; Shamir
             shares of b and s_sk for itself and each neighbour, each encrypted to its holder
@@ -21,6 +22,10 @@ and the SuperNode keep per node for the whole run), never on the wire:
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -31,6 +36,9 @@ from fedge import secagg as S
 STATE = "secagg-state"  # key in Context.state: this round's secrets
 IDENTITY = "secagg-identity"  # key in Context.state: the client's Ed25519 identity pair
 PINS = "secagg-pins"  # key in Context.state: client name -> identity key first seen for it
+# With a persistent state directory (a device: node config ``state-dir``) both live on disk
+# instead, so the identity key and the pins outlast a run (Context.state lasts one run).
+ID_FILE, PINS_FILE = "secagg-identity.key", "secagg-pins.json"
 ABORTED = -1
 
 
@@ -82,24 +90,56 @@ def _reply(msg: Message, fields: dict) -> Message:
     return Message(RecordDict({P.SECAGG: ConfigRecord(fields)}), reply_to=msg)
 
 
-def _identity(context: Context) -> tuple[bytes, bytes]:
-    """This node's Ed25519 identity pair, made at its first setup and kept for the run."""
-    rec = context.state.get(IDENTITY)
-    if rec is None:
-        sk, pk = S.identity_keypair()
-        rec = context.state[IDENTITY] = ConfigRecord({"sk": sk, "pk": pk})
-    return bytes(rec["sk"]), bytes(rec["pk"])
+def _identity(context: Context, key_dir: Path | None) -> tuple[bytes, bytes]:
+    """This node's Ed25519 identity pair, made at its first setup: on the device's disk
+    (``key_dir``: created 0600 with O_EXCL, kept across runs) or in Context.state (the run)."""
+    if key_dir is None:
+        rec = context.state.get(IDENTITY)
+        if rec is None:
+            sk, pk = S.identity_keypair()
+            rec = context.state[IDENTITY] = ConfigRecord({"sk": sk, "pk": pk})
+        return bytes(rec["sk"]), bytes(rec["pk"])
+    path = Path(key_dir) / ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        sk = path.read_bytes()
+        if len(sk) != 32:
+            raise SecAggRefused(f"secure aggregation: identity key {path} is not a raw 32-byte Ed25519 key") from None
+        return sk, S.identity_public(sk)
+    sk, pk = S.identity_keypair()
+    with os.fdopen(fd, "wb") as f:
+        f.write(sk)
+    return sk, pk
+
+
+def _load_pins(context: Context, key_dir: Path | None) -> dict[str, bytes]:
+    if key_dir is None:
+        return {k: bytes(v) for k, v in (context.state.get(PINS) or {}).items()}
+    path = Path(key_dir) / PINS_FILE
+    return {k: bytes.fromhex(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def _save_pins(context: Context, key_dir: Path | None, pins: dict[str, bytes]) -> None:
+    if key_dir is None:
+        context.state[PINS] = ConfigRecord(pins)
+        return
+    path = Path(key_dir) / PINS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v.hex() for k, v in sorted(pins.items())}))
+    os.replace(tmp, path)  # atomic: a crash never leaves half a pin file
 
 
 def _refuse(why: str):
     raise SecAggRefused(f"secure aggregation: {why}")
 
 
-def setup(msg: Message, context: Context) -> Message:
+def setup(msg: Message, context: Context, *, key_dir: Path | None = None) -> Message:
     """Stage 1: new key pairs for this round (old state is dropped), signed with the identity key."""
     conf = msg.content[P.SECAGG]
     rid, me = bytes(conf[P.SA_ROUND_ID]), int(conf[P.SA_INDEX])
-    id_sk, id_pk = _identity(context)
+    id_sk, id_pk = _identity(context, key_dir)
     c_sk, c_pk = S.keypair()
     s_sk, s_pk = S.keypair()
     context.state[STATE] = ConfigRecord({P.SA_ROUND_ID: rid, P.SA_INDEX: me, "c-sk": c_sk, "c-pk": c_pk,
@@ -109,7 +149,7 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 @_aborting
-def share_keys(msg: Message, context: Context) -> Message:
+def share_keys(msg: Message, context: Context, *, key_dir: Path | None = None) -> Message:
     """Stage 2: check the neighbours' signed keys; Shamir-share b and s_sk among {self} ∪ neighbours."""
     conf, rid, st, me = _at_stage(msg, context, 1, "share request out of order (or repeated)")
     nbrs = [int(j) for j in conf[P.SA_NEIGHBOURS]]
@@ -125,20 +165,18 @@ def share_keys(msg: Message, context: Context) -> Message:
         _refuse(f"threshold {t} of {len(holders)} holders is not above half")
     # Unique keys: a server that hands out one key pair twice (its own) could read both shares.
     x_keys = [bytes(st["c-pk"]), bytes(st["s-pk"]), *c_pks, *s_pks]
-    if len(set(x_keys)) != len(x_keys) or len(set(id_pks + [_identity(context)[1]])) != len(id_pks) + 1 \
+    if len(set(x_keys)) != len(x_keys) or len(set(id_pks + [_identity(context, key_dir)[1]])) != len(id_pks) + 1 \
             or len(set(names)) != len(names):
         _refuse("two clients have the same public key or name: refusing the neighbour list")
     # Authenticity: each neighbour's keys signed by the identity key pinned for its name.
-    pins = context.state.get(PINS) or ConfigRecord({})
+    pins = _load_pins(context, key_dir)
     for j, name, c, s, vk, sig in zip(nbrs, names, c_pks, s_pks, id_pks, sigs):
-        if name in pins and bytes(pins[name]) != vk:
+        if name in pins and pins[name] != vk:
             _refuse(f"the identity key of client {name!r} (index {j}) differs from the one pinned at first "
                     "contact: refusing a substituted key")
         if not S.verify(vk, S.keys_message(rid, j, c, s), sig):
             _refuse(f"the signature on client {j}'s public keys does not verify: refusing substituted keys")
-    for name, vk in zip(names, id_pks):
-        pins[name] = vk
-    context.state[PINS] = pins
+    _save_pins(context, key_dir, {**pins, **dict(zip(names, id_pks))})
     b = S.new_seed()
     b_shares = S.split_secret(b, threshold=t, holders=len(holders))
     s_shares = S.split_secret(bytes(st["s-sk"]), threshold=t, holders=len(holders))
@@ -188,7 +226,7 @@ def masked_vector(msg: Message, context: Context, *, delta: dict[str, np.ndarray
 
 
 @_aborting
-def consistency_check(msg: Message, context: Context) -> Message:
+def consistency_check(msg: Message, context: Context, *, key_dir: Path | None = None) -> Message:
     """Stage 4: sign U4, the set of clients whose masked vectors the server holds — once per round."""
     conf, rid, st, me = _at_stage(msg, context, 3, "consistency check out of order (or repeated)")
     u4 = sorted({int(j) for j in conf[P.SA_SURVIVORS]})
@@ -200,7 +238,7 @@ def consistency_check(msg: Message, context: Context) -> Message:
     if len(holders & set(u4)) < int(st[P.SA_THRESHOLD]):
         _refuse(f"{len(holders & set(u4))} of my share holders survived, threshold {int(st[P.SA_THRESHOLD])}")
     st.update({"u4": u4, "stage": 4})
-    return _reply(msg, {P.SA_SIGNATURE: S.sign(_identity(context)[0], S.survivors_message(rid, u4))})
+    return _reply(msg, {P.SA_SIGNATURE: S.sign(_identity(context, key_dir)[0], S.survivors_message(rid, u4))})
 
 
 @_aborting

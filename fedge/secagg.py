@@ -143,6 +143,11 @@ def identity_keypair() -> tuple[bytes, bytes]:
             sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
+def identity_public(private_raw: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def sign(private_raw: bytes, message: bytes) -> bytes:
     return Ed25519PrivateKey.from_private_bytes(private_raw).sign(message)
 

@@ -608,3 +608,21 @@ def test_attack_c_swapped_public_keys_are_detected(swap_identity):
     # neighbours) before it shares anything
     assert got is None or not np.allclose(got, _victim_input(grid, d), atol=1e-6)
     assert isinstance(share_reply, str) and ("pinned" if swap_identity else "signature") in share_reply
+
+
+def test_a_device_keeps_its_identity_key_and_its_pins_across_runs(tmp_path):
+    # Prepare: run 1 meets peers 2 and 3; run 2 (a fresh Context, as after a SuperNode restart)
+    # is shown peer 2 under a new identity key, signed by that key
+    rid = b"x" * 16
+    setup = _mk(P.SA_SETUP_TYPE, {P.SA_ROUND_ID: rid, P.SA_INDEX: 1})
+    run1, run2 = _ctx(), _ctx()
+    id_1 = bytes(C.setup(setup, run1, key_dir=tmp_path).content[P.SECAGG][P.SA_ID_KEY])
+    peers = [Peer(rid, 2), Peer(rid, 3)]
+    C.share_keys(_share_request(rid, peers), run1, key_dir=tmp_path)
+    impostor = Peer(rid, 2)
+    # Execute
+    id_2 = bytes(C.setup(setup, run2, key_dir=tmp_path).content[P.SECAGG][P.SA_ID_KEY])
+    # Assert: same identity key, created owner-only; the new key for "peer-2" is refused
+    assert id_1 == id_2 and (tmp_path / C.ID_FILE).stat().st_mode & 0o777 == 0o600
+    with pytest.raises(C.SecAggRefused, match="pinned"):
+        C.share_keys(_share_request(rid, [impostor, peers[1]]), run2, key_dir=tmp_path)
