@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 
+from fedge import progress
+
 POLL_ENV = "FEDGE_GRID_POLL_S"
 DEFAULT_POLL_S = 0.2
 
@@ -27,13 +29,19 @@ def send_and_receive(grid, messages: Iterable[Message], *, timeout: float | None
     """Push ``messages``; pull until every one has a reply or ``timeout`` seconds passed."""
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))  # a minimal grid (tests, adapters)
-    pending = set(grid.push_messages(list(messages)))
+    messages = list(messages)
+    phase = messages[0].metadata.message_type if messages else ""
+    pending = set(grid.push_messages(messages))
+    expected = len(pending)
+    progress.publish(phase, 0, expected)  # the live view's "replies received / expected"
     poll = poll_interval() if poll_s is None else poll_s
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
+        if got:
+            progress.publish(phase, len(replies), expected)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break

@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reuse", action="store_true",
                     help="reuse finished runs in OUT whose config is unchanged instead of running them again")
     sp.add_argument("--note", default="", help="free text for the report's machine line")
+    sp.add_argument("--quiet", action="store_true", help="no live view (one line per finished run only)")
     sp.set_defaults(fn=bench_strategies)
     return p
 
@@ -408,6 +409,8 @@ def bench_strategies(args, command: str) -> int:
     metric = metric_name(base.model.task)
 
     # 1. Check every strategy's parameters up front: a typo costs seconds, not a run.
+    from fedge.cli import _round_line
+    from fedge.progress import LiveView
     from server.federation import build_strategy
 
     results, configs = [], {}
@@ -431,7 +434,9 @@ def bench_strategies(args, command: str) -> int:
     for i, (res, seed) in enumerate(todo, 1):
         cfg = fcfg.load(args.config, [*args.set, f"strategy.name={res.name}", *params[res.name], f"seed={seed}"])
         run_dir = out / _dir_name(res.name) / f"seed-{seed}"
-        run = run_one(cfg, run_dir, reuse=args.reuse)
+        with LiveView(cfg.federation.num_rounds, format_row=lambda r: "  " + _round_line(r), quiet=args.quiet,
+                      title=f"[{i}/{len(todo)}] {res.name} seed {seed}", print_rows=sys.stdout.isatty()) as view:
+            run = run_one(cfg, run_dir, reuse=args.reuse, on_round=view.round_done)
         res.runs.append(run)
         last = run.rows[-1] if run.rows else {}
         what = f"failed: {run.error}" if run.error else f"{metric} {_num(last.get(metric), '.4f')}"

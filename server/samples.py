@@ -1,0 +1,101 @@
+"""The end-of-run demo: base vs fine-tuned answers to prompts from the global held-out set.
+
+Prompts are picked without looking at any model: the held-out records are shuffled with
+the run's seed and taken one category (client group) at a time in turn, so the sample
+spans the branches' data and is the same for every strategy run on one scenario.
+Each sample also carries the loss of the reference answer under both models,
+
+    ℓ(x, y) = (1/|y|) Σ_t −log p(y_t | x, y_<t)        (answer tokens only, as in training)
+
+so "the fine-tuned model is closer to what this branch would answer" is a number.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from fedge import config as fcfg
+from fedge import lora_fed, models
+from fedge.data.tokenize import chat_prompt_ids, collate, encode_dataset, end_token_id
+from fedge.train import per_example_loss
+
+GROUP_COLUMNS = ("category", "client", "language")
+
+
+def pick_prompts(holdout, k: int, *, seed: int) -> list[dict]:
+    """k records of ``holdout`` (prompt, response, group), one group at a time in turn."""
+    if k <= 0 or len(holdout) == 0:
+        return []
+    order = np.random.default_rng(seed).permutation(len(holdout))
+    col = next((c for c in GROUP_COLUMNS if c in holdout.column_names), None)
+    groups = [str(holdout[int(i)][col]) if col else "" for i in order]
+    queues: dict[str, list[int]] = {}
+    for i, g in zip(order, groups):
+        queues.setdefault(g, []).append(int(i))
+    picked: list[int] = []
+    while len(picked) < min(k, len(holdout)):
+        for g in list(queues):
+            if queues[g] and len(picked) < k:
+                picked.append(queues[g].pop(0))
+    return [{"prompt": holdout[i]["prompt"], "reference": holdout[i]["response"],
+             "source": f"held-out, {col} {holdout[i][col]}" if col else "held-out"} for i in picked]
+
+
+def tidy(text: str, *, cut: bool) -> str:
+    """One line; if generation stopped at the token limit, end at the last sentence or word."""
+    text = " ".join(text.split())
+    if not cut:
+        return text
+    m = list(re.finditer(r"[.!?](?=\s|$)", text))
+    if m and m[-1].end() > len(text) // 2:
+        return text[: m[-1].end()]
+    return text.rsplit(" ", 1)[0] + " …" if " " in text else text
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompt: str, s: fcfg.SampleSection) -> str:
+    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
+    ends = {end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
+                         do_sample=False, repetition_penalty=s.repetition_penalty, eos_token_id=sorted(ends),
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:]
+    cut = len(new) >= s.max_new_tokens and int(new[-1]) not in ends
+    return tidy(tokenizer.decode(new, skip_special_tokens=True), cut=cut)
+
+
+@torch.no_grad()
+def _loss(model, tokenizer, prompt: str, reference: str, *, max_length: int) -> float:
+    import datasets
+
+    ex = encode_dataset(tokenizer, datasets.Dataset.from_dict({"prompt": [prompt], "response": [reference]}),
+                        task="causal-lm", max_length=max_length)
+    batch = collate(ex, task="causal-lm", pad_id=int(tokenizer.pad_token_id))
+    return float(per_example_loss(model, batch, task="causal-lm")[0])
+
+
+def answer_samples(ev, cfg: fcfg.RunConfig, holdout, adapter: dict, residual: dict | None = None) -> list[dict]:
+    """Each picked prompt (and ``cfg.sample_prompt``) answered by the base and the fine-tuned model."""
+    items = pick_prompts(holdout, cfg.sample.num_prompts, seed=cfg.seed)
+    if cfg.sample_prompt:
+        items.append({"prompt": cfg.sample_prompt, "reference": None, "source": "sample_prompt"})
+    tok, model = ev.base.tokenizer, ev.model
+    models.set_adapter_state(model, adapter)
+    model.eval()
+    out = []
+    for it in items:
+        row = dict(it)
+        for who in ("base", "finetuned"):
+            if who == "base":
+                ctx = model.disable_adapter()
+            else:
+                ctx = lora_fed.residual_applied(model, residual)
+            with ctx:
+                row[who] = _generate(model, tok, it["prompt"], cfg.sample)
+                row[f"{who}_loss"] = (None if it["reference"] is None else
+                                      _loss(model, tok, it["prompt"], it["reference"], max_length=cfg.model.max_length))
+        out.append(row)
+    return out
