@@ -90,7 +90,8 @@ def make_certs(out_dir: str | Path, hosts: Iterable[str] = ("127.0.0.1", "localh
                .sign(ca_key, hashes.SHA256()))
 
     sans: list[x509.GeneralName] = []
-    for h in hosts:
+    # Loopback names always: the Control API and the ServerApp's runtime connection stay on 127.0.0.1.
+    for h in dict.fromkeys([*hosts, "127.0.0.1", "localhost"]):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
@@ -264,6 +265,97 @@ def start_superlink(*, host: str = "127.0.0.1", port: int = 9093, home: str | Pa
     return proc
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1 (``0.0.0.0`` and names are not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def start_fleet_proxy(*, host: str, port: int, upstream_port: int, home: str | Path, certs: Certs | None = None,
+                      upstream_host: str = "127.0.0.1", wait: float = 60.0) -> subprocess.Popen:
+    """``python -m fedge.fleet_proxy``: ``host:port`` forwards only the Fleet API to the SuperLink."""
+    home = Path(home).resolve()
+    scheme = "http" if certs is None else "https"
+    cmd = [sys.executable, "-m", "fedge.fleet_proxy", "--host", host, "--port", str(port),
+           "--upstream", f"{scheme}://{upstream_host}:{upstream_port}"]
+    if certs is not None:
+        cmd += ["--ca-cert", str(Path(certs.ca_cert).resolve()), "--certfile", str(Path(certs.server_cert).resolve()),
+                "--keyfile", str(Path(certs.server_key).resolve())]
+    proc = _spawn(cmd, cwd=home / "work", env=_env(None), log_path=home / "fleet-proxy.log")
+    if wait:
+        wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host.strip("[]"), port, wait, proc)
+    return proc
+
+
+def _cert_names(cert_path: str | Path) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(n) for n in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
+
+
+@dataclass
+class Server:
+    """A deployment's server side: the SuperLink on loopback and the Fleet-only proxy in front."""
+
+    link: subprocess.Popen
+    proxy: subprocess.Popen
+    fleet_address: str  # what devices connect to (``fedge client --server``)
+    control_address: str  # ``flwr run`` / ``flwr supernode register``: reachable from this machine only
+    supernode_auth: bool
+
+    def stop(self) -> None:
+        stop(self.proxy)
+        stop(self.link)
+
+
+def start_server(*, home: str | Path, host: str = "127.0.0.1", port: int = 9093, certs: Certs | None = None,
+                 control_port: int | None = None, control_host: str = "127.0.0.1",
+                 supernode_auth: bool | None = None, database: str | None = None,
+                 env: Mapping[str, str] | None = None) -> Server:
+    """``fedge server``'s processes: devices reach only the Fleet API on ``host:port``.
+
+    The SuperLink (Fleet + Control + Runtime APIs on one port in Flower 1.42, with Control
+    authentication that accepts everyone) listens on ``control_host:control_port``
+    (loopback by default); ``fedge.fleet_proxy`` serves ``host:port`` and forwards only the
+    Fleet paths. A non-loopback ``host`` requires ``certs`` and always turns SuperNode
+    authentication on (``supernode_auth=False`` is refused there).
+    """
+    public = not is_loopback(host)
+    if public and certs is None:
+        raise DeployError(f"--host {host} is not a loopback address: TLS certificates are required (--certs)")
+    if supernode_auth is None:
+        supernode_auth = public
+    if public and not supernode_auth:
+        raise DeployError(f"--host {host} is not a loopback address: SuperNode authentication cannot be turned off")
+    if supernode_auth and certs is None:
+        raise DeployError("SuperNode authentication needs TLS certificates (--certs)")
+    control_port = control_port or free_port()
+    if control_port == port and (control_host == host or host in ("0.0.0.0", "::")):
+        raise DeployError(f"the Control API address {control_host}:{control_port} is the Fleet address")
+    if certs is not None and control_host not in _cert_names(certs.server_cert):
+        raise DeployError(f"{certs.server_cert} does not name {control_host} (subjectAltName): the local flwr CLI "
+                          f"and the ServerApp connect there; reissue it with `fedge certs --host ...`")
+    home = Path(home)
+    link = start_superlink(host=control_host, port=control_port, home=home, certs=certs,
+                           enable_supernode_auth=supernode_auth, database=database, env=env)
+    try:
+        proxy = start_fleet_proxy(host=host, port=port, upstream_port=control_port, upstream_host=control_host,
+                                  home=home, certs=certs)
+    except BaseException:
+        stop(link)
+        raise
+    return Server(link, proxy, f"{host}:{port}", f"{control_host}:{control_port}", supernode_auth)
+
+
 def format_node_config(node_config: Mapping[str, object]) -> str:
     """``--node-config`` text: strings quoted (TOML), numbers as they are."""
     parts = []
@@ -281,8 +373,11 @@ def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[st
                     clientappio_port: int | None = None, root_certificates: str | Path | None = None,
                     auth_key: str | Path | None = None, insecure: bool | None = None,
                     max_retries: int | None = None, env: Mapping[str, str] | None = None,
-                    worker: bool = True) -> subprocess.Popen:
+                    worker: bool = True, trusted_app_key: str | Path | None = None) -> subprocess.Popen:
     """Start ``flower-supernode`` connecting to ``superlink`` (host:port).
+
+    ``trusted_app_key``: the operator's public key; the node then runs only app bundles it
+    signed (``fedge.appsign``, checked in ``fedge._supernode`` before a bundle is stored).
 
     TLS iff ``root_certificates`` (the CA file) is given, unless ``insecure`` says otherwise.
     ``clientappio_port``: the node's local port for its ClientApp processes (must differ per
@@ -310,6 +405,8 @@ def start_supernode(*, superlink: str, home: str | Path, node_config: Mapping[st
         cmd += ["--port", str(clientappio_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
+    if trusted_app_key is not None:
+        cmd += ["--fedge-trusted-key", str(Path(trusted_app_key).expanduser().resolve())]
     return _spawn(cmd + worker_args, cwd=home / "work", env=_env(home / "flwr-home", env),
                   log_path=home / "supernode.log")
 
@@ -343,7 +440,8 @@ def start_client(*, server: str, data: str | Path, device_id: str, home: str | P
     if trusted_key is not None:  # the server's artifact-signing public key, pinned at enrolment
         nc[P.NODE_TRUSTED_KEY] = str(Path(trusted_key).expanduser().resolve())
     return start_supernode(superlink=server, home=home, node_config=nc, clientappio_port=clientappio_port,
-                           root_certificates=root_certificates, auth_key=auth_key, env=env, worker=worker)
+                           root_certificates=root_certificates, auth_key=auth_key, env=env, worker=worker,
+                           trusted_app_key=trusted_key)
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
@@ -424,7 +522,8 @@ def run_config_arg(config: Mapping[str, object]) -> str:
 
 
 def submit_run(app_dir: str | Path, *, connection: str, flwr_home: str | Path, scenario: str | Path,
-               run_dir: str | Path, overrides: Iterable[str] = (), timeout: float = 180.0) -> int:
+               run_dir: str | Path, overrides: Iterable[str] = (), timeout: float = 180.0,
+               app_signature: str | None = None) -> int:
     """``flwr run <app_dir> <connection> --run-config "scenario=... run-dir=..."``; returns the run id.
 
     ``scenario``: a YAML path (or packaged name) that the **server** can read; ``run_dir``:
@@ -436,6 +535,10 @@ def submit_run(app_dir: str | Path, *, connection: str, flwr_home: str | Path, s
     ov = [o for o in overrides if o.strip()]
     if ov:
         rc[P.RUN_OVERRIDES] = ";".join(ov)
+    if app_signature:  # fedge.appsign.sign_app(app_dir, key): devices pinning the key run only this bundle
+        from fedge.appsign import RUN_APP_SIGNATURE
+
+        rc[RUN_APP_SIGNATURE] = app_signature
     cp = flwr(["run", str(Path(app_dir).resolve()), connection, "--run-config", run_config_arg(rc),
                "--format", "json"], flwr_home=flwr_home, timeout=timeout)
     out = _json_out(cp.stdout)
