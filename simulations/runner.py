@@ -162,6 +162,25 @@ def _install_one_sweep_delivery() -> None:
         vce_api.add_messages_to_queue = _one_sweep_delivery
 
 
+def pin_trusted_key(cfg: fcfg.RunConfig, state_root: Path) -> Path:
+    """Enrol the virtual devices: pin the server's signing public key in their state root.
+
+    The devices' deploy handler reads it from there (``clients.app.pinned_key``), never
+    from the run config. The key pair is created here if the server has none yet (the
+    server would create it at the first export anyway).
+    """
+    from clients.app import PINNED_KEY_FILE
+    from fedge.export import generate_keypair
+
+    key = cfg.signing_key()
+    if not key.exists():
+        generate_keypair(key.parent, name=key.stem)
+    state_root.mkdir(parents=True, exist_ok=True)
+    pin = state_root / PINNED_KEY_FILE
+    pin.write_bytes(key.with_suffix(".pub").read_bytes())
+    return pin
+
+
 def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], None] | None = None,
              verbose: bool = False, resume: bool = False, force: bool = False) -> dict:
     """Run the scenario; return the run summary (also written to ``run_dir``)."""
@@ -186,6 +205,8 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     os.environ["OMP_NUM_THREADS"] = str(cfg.simulation.torch_threads)
     # Per-client state that must survive a restart (DP-SGD accountant histories).
     os.environ["FEDGE_CLIENT_STATE"] = str((run_dir / "client-state").resolve())
+    if cfg.export.enabled:
+        pin_trusted_key(cfg, run_dir / "client-state")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
