@@ -232,6 +232,14 @@ def plan(args: argparse.Namespace) -> dict:
                       delta=args.delta, accountant=args.accountant)
         return {"level": "record", "accountant": args.accountant, "noise_multiplier": args.noise_multiplier,
                 "sample_rate": args.sample_rate, "steps": args.steps, "delta": args.delta, "epsilon": eps}
+    if args.command == "plan":
+        from fedge.privacy.planner import plan_record_level
+
+        chosen, table = plan_record_level(
+            records_per_client=args.records_per_client, rounds=args.rounds, clients_per_round=args.clients_per_round,
+            target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs,
+            trainable_params=args.trainable_params, max_batch=args.max_batch, accountant=args.accountant)
+        return {"level": "record", "recommended": chosen.to_dict(), "candidates": [p.to_dict() for p in table]}
     if args.command == "noise":
         z = noise_for_epsilon(target_epsilon=args.target_epsilon, sample_rate=args.sample_rate, steps=args.steps,
                               delta=args.delta, accountant=args.accountant)
@@ -271,6 +279,17 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--sample-rate", type=float, required=True)
     n.add_argument("--steps", type=int, required=True)
     common(n, ACCOUNTANTS)
+    pl = sub.add_parser("plan", help="record-level DP-SGD in a federation: recommend batch size, σ and local "
+                        "steps for a target ε (prints the noise-to-signal ratio of each candidate)")
+    pl.add_argument("--records-per-client", type=int, required=True, help="n, training records on a typical client")
+    pl.add_argument("--rounds", type=int, required=True, help="R, federated rounds planned")
+    pl.add_argument("--clients-per-round", type=int, required=True, help="m, clients averaged per round")
+    pl.add_argument("--target-epsilon", type=float, required=True, help="ε per record over the whole run")
+    pl.add_argument("--epochs", type=float, default=4.0, help="passes over a client's data over the run (default 4)")
+    pl.add_argument("--trainable-params", type=int, help="d, trainable (exchanged) parameters: gives the "
+                    "noise-to-signal ratio per step, σ√d/(B√m)")
+    pl.add_argument("--max-batch", type=int, help="largest logical batch to consider")
+    common(pl, ACCOUNTANTS)
     u = sub.add_parser("user-level", help="user-level ε of noisy federated averaging (or the z for a target)")
     g = u.add_mutually_exclusive_group(required=True)
     g.add_argument("--noise-multiplier", type=float, help="z = noise std on the sum / clip norm S")
@@ -284,8 +303,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plan_table(out: dict) -> str:
+    rec = out["recommended"]
+    lines = ["  batch B  steps/round K  epochs   sigma  noise/coord  NSR/step  NSR/run",
+             *(f"{'*' if p == rec else ' '} {p['batch_size']:>7}  {p['steps_per_round']:>13}  {p['epochs']:>6.2f}  "
+               f"{p['noise_multiplier']:>6.3f}  {p['noise_std_per_coordinate']:>11.2e}  "
+               f"{'—' if p['nsr_step'] is None else format(p['nsr_step'], '8.3f'):>8}  {p['nsr_run']:>7.4f}"
+               for p in out["candidates"]),
+             "",
+             f"recommended: train.batch_size: {rec['batch_size']}, train.local_steps: {rec['steps_per_round']}, "
+             f"federation.num_rounds: {rec['rounds']}, privacy.dp_sgd.target_epsilon: {rec['epsilon']:.3g} "
+             f"(σ ≈ {rec['noise_multiplier']:.3f} at q = {rec['sample_rate']:.3g}, δ = {rec['delta']:g}); "
+             "set privacy.dp_sgd.max_physical_batch to what fits in memory",
+             "NSR = noise norm / signal norm of the averaged update (per step, and accumulated over the run); "
+             "the smallest batch within 10 % of the lowest NSR/run with ≥ 20 steps is recommended"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``fedge privacy {epsilon,noise,user-level} ...``: plain text, or JSON with ``--json``."""
+    """``fedge privacy {epsilon,noise,plan,user-level} ...``: plain text, or JSON with ``--json``."""
     args = _parser().parse_args(argv)
     try:
         out = plan(args)
@@ -295,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
+        if args.command == "plan":
+            print(_plan_table(out))
+            return 0
         for k, v in out.items():
             print(f"{k:>18}: {v:.6g}" if isinstance(v, float) else f"{k:>18}: {v}")
     return 0
