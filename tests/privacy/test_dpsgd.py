@@ -210,3 +210,38 @@ def test_poisson_batches_include_each_example_with_rate_q():
     batches = dpsgd.poisson_batches(50, sample_rate=0.2, steps=400, rng=np.random.default_rng(0))
     sizes = np.array([len(b) for b in batches])
     assert sizes.mean() == pytest.approx(10.0, rel=0.05) and sizes.min() < sizes.max()
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_a_dp_step_updates_every_lora_tensor_of_a_real_bert(freeze_a):
+    """Guard for Opacus issue #820 (LoRA updates silently lost with some Opacus/PEFT versions):
+    one DP-SGD round on a real transformers BERT + PEFT LoRA + head changes every trainable
+    tensor (with FFA-LoRA's frozen A: every B and the head, and A not at all), base untouched."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedge import models
+
+    # Prepare: a tiny random BERT classifier, LoRA on query/value as the classify scenarios use
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                    max_position_embeddings=16))
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    peft = models.add_lora(bert, task="sequence-classification", r=4, alpha=8, dropout=0.0,
+                           target_modules=["query", "value"])
+    if freeze_a:
+        for k, p in peft.named_parameters():
+            if "lora_A" in k:
+                p.requires_grad_(False)
+    start = {k: p.detach().clone() for k, p in peft.named_parameters()}
+    train = {k for k, p in peft.named_parameters() if p.requires_grad}
+    # Execute
+    dpsgd.train_local_dp(peft, tiny_examples(32), task="cls", pad_id=PAD, steps=2, sample_rate=0.5, lr=1e-2,
+                         noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, seed=0)
+    # Assert
+    after = dict(peft.named_parameters())
+    changed = {k for k in start if not torch.equal(start[k], after[k].detach())}
+    assert train and changed == train
+    assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
+    assert any("lora_A" in k for k in changed) != freeze_a
