@@ -25,13 +25,19 @@ from fedge.train import per_example_loss
 GROUP_COLUMNS = ("category", "client", "language")
 
 
-def pick_prompts(holdout, k: int, *, seed: int) -> list[dict]:
-    """k records of ``holdout`` (prompt, response, group), one group at a time in turn."""
+def pick_prompts(holdout, k: int, *, seed: int, column: str | None = None,
+                 only: set[str] | None = None) -> list[dict]:
+    """k records of ``holdout`` (prompt, response, group), one group at a time in turn.
+
+    ``only``: keep records whose ``column`` is one of these (the branches' own groups).
+    """
     if k <= 0 or len(holdout) == 0:
         return []
     order = np.random.default_rng(seed).permutation(len(holdout))
-    col = next((c for c in GROUP_COLUMNS if c in holdout.column_names), None)
+    col = column or next((c for c in GROUP_COLUMNS if c in holdout.column_names), None)
     groups = [str(holdout[int(i)][col]) if col else "" for i in order]
+    if only and col and any(g in only for g in groups):
+        order, groups = zip(*[(i, g) for i, g in zip(order, groups) if g in only])
     queues: dict[str, list[int]] = {}
     for i, g in zip(order, groups):
         queues.setdefault(g, []).append(int(i))
@@ -79,7 +85,12 @@ def _loss(model, tokenizer, prompt: str, reference: str, *, max_length: int) -> 
 
 def answer_samples(ev, cfg: fcfg.RunConfig, holdout, adapter: dict, residual: dict | None = None) -> list[dict]:
     """Each picked prompt (and ``cfg.sample_prompt``) answered by the base and the fine-tuned model."""
-    items = pick_prompts(holdout, cfg.sample.num_prompts, seed=cfg.seed)
+    column = only = None
+    if cfg.data.partition == "natural":  # held-out prompts of the branches' own groups, not of unused ones
+        from fedge.data import data_args, federated_split
+
+        column, only = cfg.data.partition_by, set(federated_split(**data_args(cfg)).client_names)
+    items = pick_prompts(holdout, cfg.sample.num_prompts, seed=cfg.seed, column=column, only=only)
     if cfg.sample_prompt:
         items.append({"prompt": cfg.sample_prompt, "reference": None, "source": "sample_prompt"})
     tok, model = ev.base.tokenizer, ev.model
