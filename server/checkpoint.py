@@ -4,8 +4,12 @@
 
 * ``adapter.safetensors``   the global adapter A_t
 * ``strategy.safetensors``  the strategy's state (momentum, moments, clip norm...)
-* ``state.json``            round, config digest, extra JSON state (privacy ledger),
-                            and the sha256 of both tensor files
+* ``state.json``            round, config digest, extra JSON state (privacy ledger,
+                            the round's training row, secret cohorts under user-level
+                            DP), and the sha256 of both tensor files
+
+Files are 0600 and the directory 0700: the checkpoint is the only place the
+secret training cohorts of a user-level DP run are kept.
 
 Written into a temporary directory, every file fsynced, then renamed into
 place (a rename is atomic on POSIX), then ``LATEST`` is replaced atomically.
@@ -58,13 +62,14 @@ def save(run_dir: Path, *, round: int, adapter: dict, strategy_state: dict, conf
     final = root / f"round-{round:04d}"
     tmp = root / f".tmp-round-{round:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)  # the server's own state (under user-level DP: the secret cohorts)
     save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
     save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(tmp / "strategy.safetensors"))
     state = {"round": round, "config_digest": config_digest, "extra": extra or {},
              "sha256": {f: _sha(tmp / f) for f in ("adapter.safetensors", "strategy.safetensors")}}
     (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
     for f in tmp.iterdir():
+        os.chmod(f, 0o600)  # owner only, whatever the umask
         _fsync(f)
     if final.exists():
         shutil.rmtree(final)

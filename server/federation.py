@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
@@ -185,8 +186,9 @@ def privacy_columns(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
 
 # Under user-level DP these row fields are functions of the clients' data or of the secret cohort
 # (who replied, who was rejected and why, unnoised losses and norms): withheld, not published.
+# (bytes per client stay: the size of one encoded adapter or delta, fixed by shapes and encoding.)
 PRIVATE_ROW_FIELDS = ("sampled", "accepted", "rejected", "failed", "train_loss", "local_eval_loss",
-                      "local_eval_accuracy", "bytes_up", "bytes_down", "bytes_up_per_client", "delta_norm_mean")
+                      "local_eval_accuracy", "bytes_up", "bytes_down", "delta_norm_mean")
 
 
 def publishable_row(row: dict, cfg: fcfg.RunConfig) -> dict:
@@ -225,6 +227,12 @@ def privacy_report(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
         rep["not_covered"] = ("num-examples, evaluation metrics and which replies were rejected are released "
                               "outside the guarantee; train loss is withheld under DP-SGD")
     return rep
+
+
+def _wire_bytes(arrays, encoding: str) -> int:
+    """Bytes of one encoded delta with the adapter's shapes."""
+    zero = {k: np.zeros(v.shape, np.float32) for k, v in deltas.from_record(arrays).items()}
+    return deltas.record_bytes(deltas.to_record(deltas.encode(zero, encoding)))
 
 
 def history_round(rows: list[dict]) -> int:
@@ -377,8 +385,12 @@ def run_federation(
             "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
             "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
             "train_loss": rep.train_loss, "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down,
-            "bytes_up_per_client": rep.bytes_up / max(rep.accepted, 1),
-            "bytes_down_per_client": rep.bytes_down / max(rep.sampled, 1),
+            # Under user-level DP the size one delta takes on the wire (public: shapes and encoding),
+            # never the measured total over a cohort whose size is secret.
+            "bytes_up_per_client": (_wire_bytes(arrays, fed.encoding) if cfg.privacy.user_level.enabled
+                                    else rep.bytes_up / max(rep.accepted, 1)),
+            "bytes_down_per_client": (deltas.record_bytes(arrays) if cfg.privacy.user_level.enabled
+                                      else rep.bytes_down / max(rep.sampled, 1)),
             "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
             "failed": rep.sampled - rep.accepted,
             **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),

@@ -85,6 +85,9 @@ class DeltaStrategy(Strategy):
     # Whether the rule needs only Σ w_i Δ_i and Σ w_i (so secure aggregation can hide each Δ_i).
     # Robust rules (median, Krum, ...) and algorithms with extra per-client records set False.
     secure_aggregation = True
+    # Under user-level DP which clients replied, were rejected and why depends on their data:
+    # True keeps those details out of the log (counts and reasons stay in ``report`` only).
+    private_report = False
 
     def __init__(
         self,
@@ -173,6 +176,14 @@ class DeltaStrategy(Strategy):
 
     def sample(self, grid: Grid, server_round: int, k: int, purpose: int) -> list[int]:
         """k distinct node ids, reproducible for (seed, round, purpose) given the client names."""
+        nodes = self.connected_nodes(grid, server_round, k)
+        rng = np.random.default_rng([self.seed, server_round, purpose])
+        # Choose indices, not ids: node ids are uint64 and numpy would round them.
+        return [nodes[int(i)] for i in rng.choice(len(nodes), size=k, replace=False)]
+
+    def connected_nodes(self, grid: Grid, server_round: int, k: int) -> list[int]:
+        """Every connected node id, sorted by client name, once at least k are connected
+        (waits up to ``wait_nodes_s``, then raises NotEnoughNodes)."""
         deadline, last_log = time.monotonic() + self.wait_nodes_s, 0.0
         while len(nodes := sorted(grid.get_node_ids())) < k:
             now = time.monotonic()
@@ -185,9 +196,7 @@ class DeltaStrategy(Strategy):
             time.sleep(0.5)
         self.discover(grid, nodes)
         nodes.sort(key=self.client_name)
-        rng = np.random.default_rng([self.seed, server_round, purpose])
-        # Choose indices, not ids: node ids are uint64 and numpy would round them.
-        return [nodes[int(i)] for i in rng.choice(len(nodes), size=k, replace=False)]
+        return nodes
 
     # -- Flower Strategy API --------------------------------------------------------
 
@@ -211,13 +220,14 @@ class DeltaStrategy(Strategy):
                 updates.append(self.decode_reply(msg))
             except deltas.InvalidUpdate as err:
                 self.report.rejected.append((node, str(err)))
-                log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
+                if not self.private_report:
+                    log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
         rep = self.report
         rep.accepted = len(updates)
         rep.bytes_up = int(sum(u.metrics.get(P.M_BYTES_UP, 0) for u in updates))
         rep.delta_norms = [u.norm for u in updates]
         rep.client_metrics = {self.client_name(u.node_id): u.metrics for u in updates}
-        if rep.accepted < rep.sampled:
+        if rep.accepted < rep.sampled and not self.private_report:
             # Fewer replies than planned: the round's statistics (and any DP guarantee
             # calibrated on clients_per_round) rest on fewer clients.
             log.warning("round %d: %d of %d sampled clients contributed", server_round, rep.accepted, rep.sampled)
@@ -231,7 +241,8 @@ class DeltaStrategy(Strategy):
             log.warning("round %d: %d valid replies < min_replies %d: global adapter kept",
                         server_round, rep.accepted, self.min_replies)
             return None, metrics
-        weights = n_ex / n_ex.sum() if self.weighted else np.full(len(updates), 1.0 / len(updates))
+        # (no replies reach here only when min_replies is 0: Poisson-sampled user-level DP releases noise alone)
+        weights = n_ex / n_ex.sum() if self.weighted else np.full(len(updates), 1.0 / max(len(updates), 1))
         agg = self.aggregate([u.delta for u in updates], weights)
         self.current = self.server_update(self.current, agg)
         rep.updated = True

@@ -63,6 +63,10 @@ class ClientDPSGD:
 _EVENT_TYPES = {cls.__name__: cls for cls in (RoundReleased, ClientDPSGD)}
 
 
+class BudgetExceeded(RuntimeError):
+    """Releasing one more round would take the user-level ε past its target."""
+
+
 class PrivacyLedger:
     """Append-only list of privacy events; ε is always recomputed from them."""
 
@@ -105,6 +109,19 @@ class PrivacyLedger:
         groups = [(*k, len(list(g))) for k, g in groupby(rel, key=key)]
         return accounting.compose_user_level(groups, delta=delta, sampling=samplings.pop() if samplings else "fixed",
                                              accountant=accountant)
+
+    def check_release(self, event: RoundReleased, *, delta: float, target_epsilon: float,
+                      accountant: str = "rdp") -> float:
+        """ε after this ledger plus ``event``; raise BudgetExceeded if it passes ``target_epsilon``
+        (relative slack 1e-6: a z calibrated to the target lands on it within rounding)."""
+        trial = PrivacyLedger(tuple(e for e in self._events if not (isinstance(e, RoundReleased)
+                                                                    and e.round == event.round)) + (event,))
+        eps = trial.user_level_epsilon(delta=delta, accountant=accountant)
+        if eps > target_epsilon * (1 + 1e-6):
+            raise BudgetExceeded(f"round {event.round} would bring user-level ε to {eps:.4g} > target "
+                                 f"{target_epsilon:g} ({event.clients_per_round} of {event.num_clients} clients, "
+                                 f"{event.sampling} sampling, z = {event.noise_multiplier:g}): not released")
+        return eps
 
     def user_level_curve(self, *, delta: float, accountant: str = "rdp") -> list[tuple[int, float]]:
         """[(round, cumulative user-level ε)] for every round that released."""

@@ -36,8 +36,9 @@ def task_identity(monkeypatch):
 
 
 def wrap(m: int = 4, **kw) -> UserLevelDP:
+    """Fixed-size sampling unless asked: these tests need exactly m messages (Poisson: tests/privacy/test_poisson_clients.py)."""
     return UserLevelDP(build("fedavg", clients_per_round=m), **{"noise_multiplier": 1.0, "clip_norm": 1.0,
-                                                                 "seed": 0, **kw})
+                                                                 "seed": 0, "sampling": "fixed", **kw})
 
 
 def const_delta(value: float) -> dict[str, np.ndarray]:
@@ -113,7 +114,7 @@ def test_round_uses_equal_weights_over_planned_m_and_ignores_example_counts(task
 
 def test_round_without_enough_replies_releases_nothing(task_identity):
     inner = build("fedavg", clients_per_round=4, min_replies=2)
-    strat = UserLevelDP(inner, noise_multiplier=1.0, clip_norm=1.0, seed=0)
+    strat = UserLevelDP(inner, noise_multiplier=1.0, clip_norm=1.0, seed=0, sampling="fixed")
     msgs = list(strat.configure_train(3, zeros_record(), ConfigRecord({}), FakeGrid()))
     replies = [reply(msgs[0], const_delta(0.1)), reply(msgs[1], const_delta(0.1), nan=True)]
     arrays, _ = strat.aggregate_train(3, replies)
