@@ -222,6 +222,10 @@ def cmd_infer(args) -> int:
     from fedge.runtime.infer import load_installed
 
     model = load_installed(args.store, backend=args.backend)
+    if model.fallback_from:
+        print(f"fedge: installed version {model.fallback_from['version']} was refused at load "
+              f"({model.fallback_from['message']}); using version {model.version} (fedge rollback makes it "
+              "permanent)", file=sys.stderr)
     if args.text is not None:
         print(json.dumps(model.classify(args.text)))
     else:
@@ -230,10 +234,19 @@ def cmd_infer(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fedge.runtime.serve import serve
+    import os
 
-    print(f"serving {args.store} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/classify)", flush=True)
-    serve(args.store, host=args.host, port=args.port, backend=args.backend)
+    from fedge.runtime.serve import TOKEN_ENV, is_loopback, serve
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and not token:
+        print(f"fedge: --host {args.host} is reachable from the network: give --token (or ${TOKEN_ENV}); "
+              "without one anyone who reaches the port uses the model", file=sys.stderr)
+        return 2
+    print(f"serving {args.store} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/classify)"
+          f"{'; bearer token required' if token else ''}", flush=True)
+    serve(args.store, host=args.host, port=args.port, backend=args.backend, token=token,
+          allowed_hosts=args.allow_host, workers=args.workers, queue=args.queue, request_timeout=args.timeout)
     return 0
 
 
@@ -434,6 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--host", default="127.0.0.1")
             sp.add_argument("--port", type=int, default=8000)
+            sp.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $FEDGE_SERVE_TOKEN; "
+                                            "required when --host is not loopback)")
+            sp.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                            help="a DNS name clients may use in Host (IP literals and, on loopback, localhost "
+                                 "always work; anything else gets 421: DNS rebinding protection)")
+            sp.add_argument("--workers", type=int, default=1, help="model threads (default: %(default)s)")
+            sp.add_argument("--queue", type=int, default=8, help="requests that may wait for a worker; "
+                                                                 "more get 503 (default: %(default)s)")
+            sp.add_argument("--timeout", type=float, default=120.0,
+                            help="seconds a request may take before 504 (default: %(default)s)")
         sp.set_defaults(fn=fn)
 
     sp = sub.add_parser("certs", help="a CA and a SuperLink certificate (pilot TLS)")

@@ -90,8 +90,27 @@ class LocalModel:
                               usage.get("completion_tokens", 0), out["choices"][0].get("finish_reason") or "stop")
         return self._torch_chat(messages, max_new_tokens)
 
-    @torch.no_grad()
-    def _torch_chat(self, messages, max_new_tokens: int) -> ChatResult:
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens (prompt + answer, or one classified text) the model takes: the
+        model's ``max_position_embeddings`` (torch) or llama.cpp's ``n_ctx``."""
+        if self.backend == "llama.cpp":
+            return int(self.model.n_ctx())
+        n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of the chat prompt as the model will see it (llama.cpp: the messages' contents
+        plus 8 template tokens per message, an upper estimate of its chat template)."""
+        if self.backend == "llama.cpp":
+            return sum(len(self.model.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
+        return len(self._chat_ids(messages))
+
+    def text_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as the classifier sees it (special tokens included, no truncation)."""
+        return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+
+    def _chat_ids(self, messages) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -100,7 +119,12 @@ class LocalModel:
         else:
             text = "\n".join(m["content"] for m in messages) + "\n"
             ids = tok(text, add_special_tokens=True)["input_ids"]
-        ids = torch.tensor([list(ids)])
+        return list(ids)
+
+    @torch.no_grad()
+    def _torch_chat(self, messages, max_new_tokens: int) -> ChatResult:
+        tok = self.tokenizer
+        ids = torch.tensor([self._chat_ids(messages)])
         end_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
                                if "<|im_end|>" in tok.get_vocab() else None) if i is not None}
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(end_ids), 0)
@@ -119,7 +143,8 @@ class LocalModel:
         if self.task != "sequence-classification":
             raise ValueError(f"classify needs a sequence-classification model; this one is {self.task}")
         texts = [text] if isinstance(text, str) else list(text)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=min(512, self.context_length or 512),
+                             return_tensors="pt")
         probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)
         out = []
         for row in probs:

@@ -1,4 +1,4 @@
-"""Local HTTP serving of an installed model (stdlib ``http.server``; loopback by default).
+"""Local HTTP serving of an installed model: a Starlette app on uvicorn (loopback by default).
 
 Endpoints (JSON in, JSON out; errors as ``{"error": {"message", "type"}}``):
 
@@ -19,19 +19,51 @@ Endpoints (JSON in, JSON out; errors as ``{"error": {"message", "type"}}``):
 
 ``GET /v1/models`` and ``GET /health``.
 
-There is no authentication: bind to 127.0.0.1 (the default) unless the network
-in front of it is trusted. One request runs the model at a time (a lock).
+Every request, before any route runs:
+
+* ``Host`` must name this server (DNS rebinding: a page on ``evil.example`` that resolves
+  its name to 127.0.0.1 sends ``Host: evil.example``): an IP literal or an allowed name
+  (``localhost`` on a loopback bind, plus ``allowed_hosts``), with the bound port → else 421;
+* with a token (``token=`` / ``fedge serve --token`` / ``FEDGE_SERVE_TOKEN``):
+  ``Authorization: Bearer <token>``, compared in constant time → else 401;
+* POST bodies: ``Content-Type: application/json`` (a browser sends no cross-site JSON
+  without a CORS preflight, which this server never grants) → else 415; at most
+  ``MAX_BODY`` bytes → else 413; read within ``body_timeout`` s → else 408.
+
+Limits: request headers must arrive within ``header_timeout`` s of the connection (or
+of the previous response), idle keep-alive connections close after 5 s, at most
+``max_connections`` connections (uvicorn answers 503 past it); the model runs in a pool
+of ``workers`` threads with at most ``queue`` requests waiting (503 past it) and each
+answer within ``request_timeout`` s (504; the thread finishes its work and frees its
+slot). A chat prompt longer than the model's context is refused with 413; the answer
+is cut to fit the context (``finish_reason: "length"``); a text to classify longer
+than the context: 413. A 500 says "internal error" and a request id, never the
+exception (it may hold paths or data); the log has the traceback under that id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedge.runtime.infer import LocalModel, load_installed
 
@@ -39,134 +71,358 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # 1 MiB
 MAX_TOKENS_LIMIT = 2048
+MAX_INPUTS = 64  # texts per classify request
+TOKEN_ENV = "FEDGE_SERVE_TOKEN"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class _BadRequest(ValueError):
-    pass
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
 
 
-def _make_handler(model: LocalModel, lock: threading.Lock):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "fedge"
-
-        def log_message(self, fmt, *args):  # route to logging instead of stderr
-            log.info("%s - %s", self.address_string(), fmt % args)
-
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._send(status, {"error": {"message": message, "type": kind}})
-
-        def _body(self) -> dict:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n <= 0 or n > MAX_BODY:
-                raise _BadRequest(f"request body must be 1 byte to {MAX_BODY} bytes of JSON")
-            try:
-                body = json.loads(self.rfile.read(n))
-            except ValueError:
-                raise _BadRequest("request body is not valid JSON") from None
-            if not isinstance(body, dict):
-                raise _BadRequest("request body must be a JSON object")
-            return body
-
-        def do_GET(self):  # noqa: N802
-            if self.path == "/health":
-                self._send(200, {"status": "ok", "version": model.version, "task": model.task})
-            elif self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": model.name, "object": "model",
-                                                             "owned_by": "fedge", "task": model.task}]})
-            else:
-                self._error(404, f"no route GET {self.path}", "not_found")
-
-        def do_POST(self):  # noqa: N802
-            routes = {"/v1/chat/completions": ("causal-lm", self._chat), "/v1/classify":
-                      ("sequence-classification", self._classify)}
-            if self.path not in routes:
-                return self._error(404, f"no route POST {self.path}", "not_found")
-            task, handler = routes[self.path]
-            if model.task != task:
-                return self._error(400, f"{self.path} needs a {task} model; this server runs a {model.task} model")
-            try:
-                body = self._body()
-                with lock:
-                    result = handler(body)
-            except _BadRequest as err:
-                return self._error(400, str(err))
-            except Exception as err:  # the server stays up; the client gets the reason
-                log.exception("inference failed")
-                return self._error(500, f"{type(err).__name__}: {err}", "server_error")
-            self._send(200, result)
-
-        def _chat(self, body: dict) -> dict:
-            messages = body.get("messages")
-            if (not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
-                    ("system", "user", "assistant") for m in messages)):
-                raise _BadRequest("'messages' must be a non-empty list of {role: system|user|assistant, "
-                                  "content: string}")
-            if body.get("stream"):
-                raise _BadRequest("streaming is not supported; send stream=false")
-            max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
-            if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-                raise _BadRequest(f"'max_tokens' must be an integer in [1, {MAX_TOKENS_LIMIT}]")
-            r = model.chat([{"role": m["role"], "content": m["content"]} for m in messages],
-                           max_new_tokens=max_tokens)
-            return {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-                "created": int(time.time()), "model": model.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                             "finish_reason": r.finish_reason}],
-                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                          "total_tokens": r.prompt_tokens + r.completion_tokens},
-            }
-
-        def _classify(self, body: dict) -> dict:
-            texts = body.get("input", body.get("text"))
-            if isinstance(texts, str):
-                texts = [texts]
-            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-                raise _BadRequest("send 'text' (a string) or 'input' (a non-empty list of strings)")
-            results = model.classify(texts)
-            return {"object": "classification", "model": model.name,
-                    "data": [{"index": i, **r} for i, r in enumerate(results)]}
-
-    return Handler
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
-def make_server(model: LocalModel, *, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for ``model`` (not started: call ``serve_forever`` or :func:`start_in_thread`).
-
-    ``port=0`` picks a free port: read it back from ``server.server_address[1]``.
-    """
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: this endpoint has no authentication", host)
-    server = ThreadingHTTPServer((host, port), _make_handler(model, threading.Lock()))
-    server.daemon_threads = True
-    return server
-
-
-def start_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
-    """Run ``server`` in a daemon thread; stop it with ``server.shutdown(); server.server_close()``."""
-    thread = threading.Thread(target=server.serve_forever, name="fedge-serve", daemon=True)
-    thread.start()
-    return thread
-
-
-def serve(store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **load_kwargs) -> None:
-    """Load the store's current model and serve it until interrupted (blocking)."""
-    model = load_installed(store_dir, **load_kwargs)
-    server = make_server(model, host=host, port=port)
-    log.info("serving %s (%s, %s backend%s) on http://%s:%d", model.name, model.task, model.backend,
-             f", {model.compute} compute" if model.compute else "", *server.server_address[:2])
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(value: str) -> tuple[str, int | None]:
+    """``Host`` header → (host, port); IPv6 literals in brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = value, None
+    try:
+        return host, (int(port) if port else None)
+    except ValueError:
+        return host, -1
+
+
+class _Guard:
+    """ASGI middleware: Host, bearer token and content type, checked before the app sees a request."""
+
+    def __init__(self, app, *, port: int, allowed_names: set[str], token: str | None):
+        self.app, self.port, self.allowed_names, self.token = app, port, allowed_names, token
+
+    def _host_ok(self, value: str | None) -> bool:
+        if not value:
+            return False
+        host, port = _split_host(value)
+        if (port or 80) != self.port:
+            return False
+        if host in self.allowed_names:
+            return True
+        try:
+            ipaddress.ip_address(host)  # an IP literal cannot be a rebound name
+            return True
+        except ValueError:
+            return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        response = None
+        if not self._host_ok(headers.get("host")):
+            response = _error(421, "this server does not answer for that Host (DNS rebinding protection); "
+                                   "use the address it is bound to", "misdirected_request")
+        elif self.token is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                response = _error(401, "missing or wrong bearer token", "authentication_error",
+                                  {"WWW-Authenticate": "Bearer"})
+        if response is None and scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                response = _error(415, "Content-Type must be application/json")
+        if response is not None:
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _Runner:
+    """A bounded pool for the model: ``workers`` threads, ``queue`` waiting requests, a timeout each."""
+
+    def __init__(self, workers: int, queue: int, timeout: float):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedge-infer")
+        self.capacity, self.timeout = workers + queue, timeout
+        self.pending = 0
+        self.lock = threading.Lock()
+
+    async def run(self, fn, *args):
+        with self.lock:
+            if self.pending >= self.capacity:
+                raise HTTPError(503, "server busy: too many requests waiting for the model", "server_busy",
+                                {"Retry-After": "1"})
+            self.pending += 1
+        future = self.pool.submit(fn, *args)
+
+        def release(_):
+            with self.lock:
+                self.pending -= 1
+
+        future.add_done_callback(release)  # the slot frees when the work ends, not when the client gives up
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, f"the model did not answer within {self.timeout:g} s", "timeout") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _json_body(request: Request, timeout: float) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise HTTPError(413, f"request body must be at most {MAX_BODY} bytes of JSON")
+    chunks, size = [], 0
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HTTPError(413, f"request body must be at most {MAX_BODY} bytes of JSON")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"request body not received within {timeout:g} s", "timeout") from None
+    if size == 0:
+        raise HTTPError(400, f"request body must be 1 byte to {MAX_BODY} bytes of JSON")
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError:
+        raise HTTPError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "request body must be a JSON object")
+    return body
+
+
+def _closing(runner: _Runner):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        runner.close()
+
+    return lifespan
+
+
+def make_app(model: LocalModel, *, port: int, allowed_hosts=(), token: str | None = None, loopback: bool = True,
+             workers: int = 1, queue: int = 8, request_timeout: float = 120.0, body_timeout: float = 10.0):
+    """The ASGI app (guard + routes) for ``model``; ``port`` is the port clients put in ``Host``."""
+    runner = _Runner(workers, queue, request_timeout)
+    context = model.context_length
+
+    def chat(body: dict) -> dict:
+        messages = body.get("messages")
+        if (not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
+                ("system", "user", "assistant") for m in messages)):
+            raise HTTPError(400, "'messages' must be a non-empty list of {role: system|user|assistant, "
+                                 "content: string}")
+        if body.get("stream"):
+            raise HTTPError(400, "streaming is not supported; send stream=false")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+            raise HTTPError(400, f"'max_tokens' must be an integer in [1, {MAX_TOKENS_LIMIT}]")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return {"messages": messages, "max_tokens": max_tokens}
+
+    def run_chat(req: dict) -> dict:
+        n = model.prompt_tokens(req["messages"])
+        if context is not None and n >= context:
+            raise HTTPError(413, f"the prompt is {n} tokens; this model's context is {context} tokens",
+                            "context_length_exceeded")
+        room = req["max_tokens"] if context is None else min(req["max_tokens"], context - n)
+        r = model.chat(req["messages"], max_new_tokens=room)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+            "created": int(time.time()), "model": model.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
+                         "finish_reason": r.finish_reason}],
+            "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                      "total_tokens": r.prompt_tokens + r.completion_tokens},
+        }
+
+    def classify(body: dict) -> list[str]:
+        texts = body.get("input", body.get("text"))
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise HTTPError(400, "send 'text' (a string) or 'input' (a non-empty list of strings)")
+        if len(texts) > MAX_INPUTS:
+            raise HTTPError(413, f"at most {MAX_INPUTS} texts per request")
+        return texts
+
+    def run_classify(texts: list[str]) -> dict:
+        if context is not None:
+            lengths = model.text_tokens(texts)
+            longest = max(range(len(texts)), key=lengths.__getitem__)
+            if lengths[longest] > context:
+                raise HTTPError(413, f"input {longest} is {lengths[longest]} tokens; this model's context is "
+                                     f"{context} tokens", "context_length_exceeded")
+        return {"object": "classification", "model": model.name,
+                "data": [{"index": i, **r} for i, r in enumerate(model.classify(texts))]}
+
+    routes_for = {"/v1/chat/completions": ("causal-lm", chat, run_chat),
+                  "/v1/classify": ("sequence-classification", classify, run_classify)}
+
+    async def post(request: Request):
+        task, parse, run = routes_for[request.url.path]
+        if model.task != task:
+            raise HTTPError(400, f"{request.url.path} needs a {task} model; this server runs a {model.task} model")
+        req = parse(await _json_body(request, body_timeout))
+        return JSONResponse(await runner.run(run, req))
+
+    async def health(request: Request):
+        body = {"status": "ok", "version": model.version, "task": model.task}
+        if model.fallback_from:
+            body["fallback_from"] = model.fallback_from
+        return JSONResponse(body)
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": model.name, "object": "model", "owned_by": "fedge",
+                                                         "task": model.task}]})
+
+    async def http_error(request: Request, err: HTTPError):
+        return _error(err.status, err.message, err.kind, err.headers)
+
+    async def not_found(request: Request, exc):
+        return _error(404, f"no route {request.method} {request.url.path}", "not_found")
+
+    async def not_allowed(request: Request, exc):
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")
+
+    async def internal(request: Request, exc: Exception):
+        rid = uuid.uuid4().hex[:12]
+        log.error("request %s failed", rid, exc_info=exc)  # the traceback stays in the log
+        return _error(500, f"internal error (request id {rid})", "server_error")
+
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", post, methods=["POST"]), Route("/v1/classify", post, methods=["POST"]),
+                Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"])],
+        exception_handlers={HTTPError: http_error, 404: not_found, 405: not_allowed, Exception: internal},
+        lifespan=_closing(runner),
+    )
+    names = {h.lower() for h in allowed_hosts} | ({"localhost"} if loopback else set())
+    return _Guard(app, port=port, allowed_names=names, token=token)
+
+
+class _TimedH11(H11Protocol):
+    """uvicorn's h11 protocol plus a header deadline: a connection that has not sent a complete
+    request head ``header_timeout`` s after it opened (or after its last response) is closed
+    (uvicorn has none: one byte every few seconds would hold a connection forever)."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def _arm(self) -> None:
+        armed_for = self.cycle
+
+        def expire():
+            if self.cycle is armed_for and not self.transport.is_closing():  # no new request head since
+                self.transport.close()
+
+        self.loop.call_later(self.header_timeout, expire)
+
+
+class LocalServer:
+    """The model behind uvicorn on ``host:port`` (``port=0``: a free one, see ``.port``).
+
+    ``start()`` runs it in a thread, ``stop()`` ends it; ``run()`` blocks (``fedge serve``).
+    """
+
+    def __init__(self, model: LocalModel, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+                 allowed_hosts=(), workers: int = 1, queue: int = 8, request_timeout: float = 120.0,
+                 body_timeout: float = 10.0, header_timeout: float = 10.0, max_connections: int = 64):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.model = model
+        if not is_loopback(host) and not token:
+            log.warning("serving on %s without a token: anyone who can reach this port can use the model", host)
+        app = make_app(model, port=self.port, allowed_hosts=allowed_hosts, token=token, loopback=is_loopback(host),
+                       workers=workers, queue=queue, request_timeout=request_timeout, body_timeout=body_timeout)
+        protocol = type("TimedH11", (_TimedH11,), {"header_timeout": header_timeout})
+        config = uvicorn.Config(app, http=protocol, lifespan="on", log_config=None, access_log=False,
+                                timeout_keep_alive=5, limit_concurrency=max_connections, server_header=False,
+                                proxy_headers=False, h11_max_incomplete_event_size=16 * 1024)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    def start(self, timeout: float = 30.0) -> "LocalServer":
+        self.thread = threading.Thread(target=self.run, name="fedge-serve", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the local server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def make_server(model: LocalModel, *, host: str = "127.0.0.1", port: int = 8000, **kw) -> LocalServer:
+    """A server for ``model`` (not started: ``start()`` / ``run()``); keyword arguments as :class:`LocalServer`."""
+    return LocalServer(model, host=host, port=port, **kw)
+
+
+def serve(store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          allowed_hosts=(), workers: int = 1, queue: int = 8, request_timeout: float = 120.0,
+          **load_kwargs: Any) -> None:
+    """Load the store's current model (falling back to the previous version when it is refused)
+    and serve it until interrupted (blocking). ``token`` defaults to ``$FEDGE_SERVE_TOKEN``."""
+    model = load_installed(store_dir, **load_kwargs)
+    token = token or os.environ.get(TOKEN_ENV) or None
+    server = LocalServer(model, host=host, port=port, token=token, allowed_hosts=allowed_hosts, workers=workers,
+                         queue=queue, request_timeout=request_timeout)
+    log.info("serving %s (%s, %s backend%s) on %s%s", model.name, model.task, model.backend,
+             f", {model.compute} compute" if model.compute else "", server.url, " (token required)" if token else "")
+    server.run()

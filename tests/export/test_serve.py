@@ -1,44 +1,68 @@
-"""The loopback HTTP server: OpenAI-shaped chat completions and classification.
+"""The local server: OpenAI-shaped chat completions and classification, and the doors it keeps shut.
 
-Integration: a real ThreadingHTTPServer on 127.0.0.1 port 0 in a thread, real HTTP
-requests (urllib), stopped at the end. Oracle: the same LocalModel called directly.
+Integration: the real server (Starlette on uvicorn) on 127.0.0.1, a free port, in a
+thread, real HTTP over a socket (http.client, so the tests choose every header),
+stopped at the end. Oracle: the same LocalModel called directly; for the attacks, the
+status a browser or a slow client gets back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
+import threading
+import time
 from contextlib import contextmanager
 
 import pytest
 
 from fedge.export.artifact import build_artifact
 from fedge.runtime.infer import load_installed
-from fedge.runtime.serve import make_server, start_in_thread
+from fedge.runtime.serve import MAX_BODY, HTTPError, _Runner, make_server
 from fedge.runtime.store import install
 
 
 @contextmanager
-def running(model):
-    server = make_server(model, host="127.0.0.1", port=0)
-    thread = start_in_thread(server)
+def running(model, **kw):
+    server = make_server(model, host="127.0.0.1", port=0, **kw).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        server.stop()
+        assert not server.thread.is_alive()
 
 
-def post(url: str, body) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+def call(server, method: str, path: str, body=None, headers=None, timeout: float = 60) -> tuple[int, dict]:
+    """One request; ``Host`` is ``127.0.0.1:<port>`` unless ``headers`` says otherwise."""
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = {"Host": f"127.0.0.1:{server.port}"}
+    if data is not None:
+        h["Content-Type"] = "application/json"
+    h.update(headers or {})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in h.items():
+            if v is not None:
+                conn.putheader(k, v)
+        if data is not None:
+            conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders(data)
+        r = conn.getresponse()
+        raw = r.read()
+        try:
+            return r.status, json.loads(raw)
+        except ValueError:  # uvicorn's own plain-text refusals (a malformed request)
+            return r.status, {"text": raw.decode(errors="replace")}
+    finally:
+        conn.close()
+
+
+def post(server, path, body, headers=None):
+    return call(server, "POST", path, body, headers)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +74,16 @@ def chat_model(llama_base_dir, llama_adapter_dir, keys, tmp_path_factory):
     return load_installed(root / "store")
 
 
+HELLO = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 4}
+
+
 def test_chat_completion_in_openai_shape(chat_model):
     messages = [{"role": "user", "content": "hello world"}]
-    with running(chat_model) as url:
+    with running(chat_model) as srv:
         # Execute
-        status, body = post(f"{url}/v1/chat/completions", {"model": "x", "messages": messages, "max_tokens": 6})
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
-            models = json.loads(r.read())
+        status, body = post(srv, "/v1/chat/completions", {"model": "x", "messages": messages, "max_tokens": 6})
+        _, models = call(srv, "GET", "/v1/models")
+        _, health = call(srv, "GET", "/health")
     # Assert
     assert status == 200
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
@@ -66,7 +93,9 @@ def test_chat_completion_in_openai_shape(chat_model):
     assert choice["message"]["content"] == chat_model.chat(messages, max_new_tokens=6).text
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["prompt_tokens"] > 0
+    assert usage["prompt_tokens"] == chat_model.prompt_tokens(messages)
     assert models["data"][0]["id"] == body["model"] == chat_model.name
+    assert health == {"status": "ok", "version": 1, "task": "causal-lm"}
 
 
 @pytest.mark.parametrize("body, message", [
@@ -77,16 +106,16 @@ def test_chat_completion_in_openai_shape(chat_model):
     (b"{not json", "not valid JSON"),
 ])
 def test_bad_requests_get_openai_errors(chat_model, body, message):
-    with running(chat_model) as url:
-        status, reply = post(f"{url}/v1/chat/completions", body)
+    with running(chat_model) as srv:
+        status, reply = post(srv, "/v1/chat/completions", body)
     assert status == 400 and message in reply["error"]["message"]
     assert reply["error"]["type"] == "invalid_request_error"
 
 
 def test_classify_route_needs_a_classifier(chat_model):
-    with running(chat_model) as url:
-        status, reply = post(f"{url}/v1/classify", {"text": "hi"})
-        missing, _ = post(f"{url}/v1/nothing", {})
+    with running(chat_model) as srv:
+        status, reply = post(srv, "/v1/classify", {"text": "hi"})
+        missing, _ = post(srv, "/v1/nothing", {})
     assert status == 400 and "sequence-classification" in reply["error"]["message"]
     assert missing == 404
 
@@ -98,8 +127,9 @@ def test_classify(bert_base_dir, bert_adapter_dir, keys, tmp_path):
     install(art, store_dir=tmp_path / "store", trusted_public_key=keys.public_pem)
     model = load_installed(tmp_path / "store")
     # Execute
-    with running(model) as url:
-        status, body = post(f"{url}/v1/classify", {"input": ["hello world", "the lazy dog"]})
+    with running(model) as srv:
+        status, body = post(srv, "/v1/classify", {"input": ["hello world", "the lazy dog"]})
+        too_long, reply = post(srv, "/v1/classify", {"text": "hello world " * 200})
     # Assert
     assert status == 200 and body["object"] == "classification"
     assert [d["index"] for d in body["data"]] == [0, 1]
@@ -107,3 +137,130 @@ def test_classify(bert_base_dir, bert_adapter_dir, keys, tmp_path):
     assert [d["label"] for d in body["data"]] == [d["label"] for d in direct]
     assert body["data"][0]["probs"] == pytest.approx(direct[0]["probs"], abs=1e-6)
     assert sum(body["data"][0]["probs"]) == pytest.approx(1.0, abs=1e-4)
+    # the BERT's context is 64 positions: a longer text is refused, not silently cut
+    assert too_long == 413 and "context is 64 tokens" in reply["error"]["message"]
+
+
+# -- the doors -----------------------------------------------------------------------------------
+
+
+def test_dns_rebinding_host_is_refused(chat_model):
+    with running(chat_model) as srv:
+        # Execute: what a page on evil.example sends once its name resolves to 127.0.0.1
+        evil, reply = post(srv, "/v1/chat/completions", HELLO, {"Host": f"evil.example:{srv.port}"})
+        wrong_port, _ = post(srv, "/v1/chat/completions", HELLO, {"Host": "127.0.0.1:1"})
+        no_host, _ = call(srv, "GET", "/health", headers={"Host": None})
+        by_name, _ = post(srv, "/v1/chat/completions", HELLO, {"Host": f"localhost:{srv.port}"})
+        by_ip, _ = post(srv, "/v1/chat/completions", HELLO)
+    # Assert
+    assert evil == 421 and "DNS rebinding" in reply["error"]["message"]
+    assert wrong_port == 421
+    assert no_host == 400  # HTTP/1.1 without Host: refused by the parser before the app
+    assert by_name == 200 and by_ip == 200
+
+
+def test_cross_site_form_content_type_is_refused(chat_model):
+    # What a page can POST without a CORS preflight: text/plain (the body is still JSON)
+    with running(chat_model) as srv:
+        plain, reply = post(srv, "/v1/chat/completions", HELLO, {"Content-Type": "text/plain"})
+        form, _ = post(srv, "/v1/chat/completions", HELLO, {"Content-Type": "application/x-www-form-urlencoded"})
+        charset, _ = post(srv, "/v1/chat/completions", HELLO, {"Content-Type": "application/json; charset=utf-8"})
+    assert plain == 415 and form == 415 and "application/json" in reply["error"]["message"]
+    assert charset == 200
+
+
+def test_bearer_token(chat_model):
+    with running(chat_model, token="s3cret-token") as srv:
+        none, reply = post(srv, "/v1/chat/completions", HELLO)
+        wrong, _ = post(srv, "/v1/chat/completions", HELLO, {"Authorization": "Bearer s3cret-tokeX"})
+        health, _ = call(srv, "GET", "/health")
+        right, _ = post(srv, "/v1/chat/completions", HELLO, {"Authorization": "Bearer s3cret-token"})
+    assert none == 401 and wrong == 401 and health == 401 and reply["error"]["type"] == "authentication_error"
+    assert right == 200
+
+
+def test_prompt_past_the_context_is_413_and_the_answer_fits_it(chat_model):
+    context = chat_model.context_length
+    assert context == 256  # the tiny Llama's max_position_embeddings
+    long = {"messages": [{"role": "user", "content": "hello world " * 300}], "max_tokens": 8}
+    near = "hello " * 400
+    # the largest prompt that still leaves 3 tokens of room (oracle: the model's own token count)
+    words = max(k for k in range(1, 400) if chat_model.prompt_tokens([{"role": "user", "content": near[:6 * k]}])
+                <= context - 3)
+    fits = {"messages": [{"role": "user", "content": near[:6 * words]}], "max_tokens": 50}
+    with running(chat_model) as srv:
+        status, reply = post(srv, "/v1/chat/completions", long)
+        ok, body = post(srv, "/v1/chat/completions", fits)
+    assert status == 413 and f"context is {context} tokens" in reply["error"]["message"]
+    assert ok == 200
+    assert body["usage"]["total_tokens"] <= context
+    assert body["usage"]["prompt_tokens"] == chat_model.prompt_tokens(fits["messages"])
+
+
+def test_oversized_body_is_413(chat_model):
+    with running(chat_model) as srv:
+        status, reply = post(srv, "/v1/chat/completions", b"{" + b" " * MAX_BODY + b"}")
+    assert status == 413
+
+
+def test_500_carries_no_exception_text(chat_model, caplog):
+    broken = dataclasses.replace(chat_model, model=None)  # its weights are gone: generate() fails inside
+    with running(broken) as srv:
+        status, reply = post(srv, "/v1/chat/completions", HELLO)
+    assert status == 500 and reply["error"]["type"] == "server_error"
+    text = reply["error"]["message"]
+    assert text.startswith("internal error (request id ") and "NoneType" not in text and "Error" not in text
+    rid = text.split("request id ")[1].rstrip(")")
+    assert any(rid in r.getMessage() and r.exc_info for r in caplog.records)  # the operator still sees why
+
+
+def test_slow_client_is_disconnected(chat_model):
+    # Slowloris: a request head that never completes must not hold a connection forever
+    with running(chat_model, header_timeout=0.5, body_timeout=0.5) as srv:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # ... and no more
+        t0 = time.monotonic()
+        closed = s.recv(1024) == b""  # blocks until the server closes (or the 5 s socket timeout)
+        waited = time.monotonic() - t0
+        s.close()
+        # a complete head with a body that never arrives: 408
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: "
+                  f"application/json\r\nContent-Length: 100\r\n\r\n{{\"messages\"".encode())
+        head = s.recv(1024)
+        s.close()
+    assert closed and waited < 3
+    assert head.startswith(b"HTTP/1.1 408")
+
+
+def test_worker_pool_is_bounded_and_times_out():
+    # The pool the server runs the model in: 1 worker, 1 waiting, then 503; a slow answer is a 504
+    release = threading.Event()
+
+    async def scenario():
+        runner = _Runner(workers=1, queue=1, timeout=5.0)
+        first = asyncio.ensure_future(runner.run(release.wait))
+        second = asyncio.ensure_future(runner.run(lambda: "second"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(HTTPError) as busy:
+            await runner.run(lambda: "third")
+        release.set()
+        done = await asyncio.gather(first, second)
+        slow = _Runner(workers=1, queue=0, timeout=0.2)
+        with pytest.raises(HTTPError) as late:
+            await slow.run(time.sleep, 1.0)
+        runner.close()
+        slow.close()
+        return busy.value, done, late.value
+
+    busy, done, late = asyncio.run(scenario())
+    assert busy.status == 503 and done == [True, "second"]
+    assert late.status == 504
+
+
+def test_cli_refuses_a_network_bind_without_a_token(tmp_path, capsys, monkeypatch):
+    from fedge.cli import main
+
+    monkeypatch.delenv("FEDGE_SERVE_TOKEN", raising=False)
+    rc = main(["serve", "--store", str(tmp_path / "store"), "--host", "0.0.0.0", "--port", "0"])
+    assert rc == 2 and "--token" in capsys.readouterr().err
