@@ -10,6 +10,8 @@ downloads from the Flower platform; a bundle submitted with ``flwr run <dir>`` c
 * signature = ``Ed25519.sign(DOMAIN || h)`` with the operator's key (the same key that signs
   model artifacts; devices pin its public half with ``fedge client --trusted-key``).
   ``DOMAIN`` keeps an app signature from ever verifying as an artifact manifest signature.
+* ``fedge server`` freezes the bundle first (:func:`snapshot_app`) and submits the frozen
+  copy, so an edit in the live directory cannot change what was signed.
 * the signature travels in the run config (``fedge-app-signature = "<fingerprint>:<hex>"``);
   the run config is not signed (it selects a scenario, it carries no code).
 * the SuperNode (``fedge._supernode``) recomputes ``h`` from the bytes it received and
@@ -50,6 +52,36 @@ def sign_fab(content: bytes, private_key: str | Path | Ed25519PrivateKey) -> str
     key = load_private_key(private_key)
     sig = key.sign(DOMAIN + hashlib.sha256(content).digest())
     return f"{fingerprint(key.public_key())}:{sig.hex()}"
+
+
+def snapshot_app(app_dir: str | Path, dest: str | Path) -> tuple[Path, bytes]:
+    """Freeze the bundle of ``app_dir`` into ``dest``; return ``(dest, bundle bytes)``.
+
+    Sign these bytes and ``flwr run dest``: a file edited in ``app_dir`` between signing and
+    submitting would otherwise change the bundle and every device would refuse it. ``dest``
+    holds exactly the bundle's files, and rebuilding it gives the same bytes (checked).
+    """
+    import io
+    import zipfile
+
+    content = fab_bytes(app_dir)
+    dest = Path(dest)
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    with zipfile.ZipFile(io.BytesIO(content)) as z:
+        for name in z.namelist():
+            if name.startswith(".info/"):  # Flower's build writes this manifest itself
+                continue
+            path = (dest / name).resolve()
+            if not path.is_relative_to(dest.resolve()):
+                raise ValueError(f"bundle entry outside the app directory: {name}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(z.read(name))
+    if fab_bytes(dest) != content:
+        raise RuntimeError(f"rebuilding the bundle in {dest} does not give the same bytes (Flower's build changed?)")
+    return dest, content
 
 
 def sign_app(app_dir: str | Path, private_key: str | Path | Ed25519PrivateKey) -> str:

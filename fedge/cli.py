@@ -265,7 +265,7 @@ def cmd_server(args) -> int:
     A non-loopback --host needs --certs and always runs with SuperNode authentication.
     """
     from fedge import deploy as D
-    from fedge.appsign import sign_app
+    from fedge.appsign import sign_fab, snapshot_app
 
     cfg = fcfg.load(args.scenario, args.set)  # validate here, before any process starts
     home = Path(args.home)
@@ -282,7 +282,9 @@ def cmd_server(args) -> int:
         print(f"no signing key at {key}: generating one (devices must pin {key.with_suffix('.pub')})", flush=True)
         generate_keypair(key.parent, name=key.stem)
     app_dir = Path(args.app_dir) if args.app_dir else Path(__file__).resolve().parent.parent
-    signature = sign_app(app_dir, key)
+    # Sign and submit one frozen copy: an edit in app_dir in between would change the bundle.
+    app_dir, bundle = snapshot_app(app_dir, home.resolve() / "app")
+    signature = sign_fab(bundle, key)
     control = args.control_address.rpartition(":") if args.control_address else ("127.0.0.1", ":", "")
     server = D.start_server(home=home, host=args.host, port=args.port, certs=certs,
                             control_host=control[0].strip("[]") or "127.0.0.1",

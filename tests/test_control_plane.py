@@ -75,6 +75,20 @@ def test_foreign_key_claiming_the_operators_fingerprint_is_refused(keys):
     assert err.value.reason == "bad-signature"
 
 
+def test_frozen_bundle_is_what_was_signed_even_if_the_app_changes(tmp_path, keys):
+    # Prepare: an app, frozen and signed as fedge server does
+    op, _ = keys
+    app = _probe_app(tmp_path / "app")
+    frozen, content = appsign.snapshot_app(app, tmp_path / "frozen")
+    sig = appsign.sign_fab(content, op.private)
+    # Execute: the live app is edited after signing (another engineer, a deploy script)
+    (app / "probeapp" / "client.py").write_text(PROBE_CLIENT + "\n# edited\n")
+    # Assert: the frozen copy still builds the signed bytes; the live directory no longer would
+    assert appsign.verify_fab(appsign.fab_bytes(frozen), sig, op.public_pem) == hashlib.sha256(content).hexdigest()
+    with pytest.raises(appsign.AppRefused):
+        appsign.verify_fab(appsign.fab_bytes(app), sig, op.public_pem)
+
+
 # -- the Fleet-only proxy (no SuperLink: refused paths never get forwarded) --------------------------
 
 
