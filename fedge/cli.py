@@ -29,8 +29,10 @@ def _round_line(row: dict) -> str:
         acc = f"  acc {row['central_accuracy']:.3f}" if row.get("central_accuracy") is not None else ""
         return f"round   0 | held-out loss {row['central_loss']:.4f}{acc}  (base model + empty adapter)"
     acc = f" acc {row['central_accuracy']:.3f} |" if row.get("central_accuracy") is not None else ""
-    return (f"round {row['round']:>3} | clients {row['accepted']}/{row['sampled']}"
-            f"{' (' + str(row['rejected']) + ' rejected)' if row['rejected'] else ''} | "
+    # Under user-level DP the reply counts are withheld (None): say so rather than print "None/None".
+    clients = ("clients withheld (DP)" if row["accepted"] is None else f"clients {row['accepted']}/{row['sampled']}"
+               f"{' (' + str(row['rejected']) + ' rejected)' if row['rejected'] else ''}")
+    return (f"round {row['round']:>3} | {clients} | "
             f"train loss {_fmt(row['train_loss'])} | held-out loss {_fmt(row['central_loss'])} |{acc} "
             f"local {_fmt(row['local_eval_loss'])} | up {_mib(row['bytes_up_per_client'])} MiB/client "
             f"down {_mib(row['bytes_down_per_client'])} MiB/client |{_eps(row)} {row['seconds']:.1f} s")

@@ -187,7 +187,7 @@ def privacy_columns(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
 # Under user-level DP these row fields are functions of the clients' data or of the secret cohort
 # (who replied, who was rejected and why, unnoised losses and norms): withheld, not published.
 # (bytes per client stay: the size of one encoded adapter or delta, fixed by shapes and encoding.)
-PRIVATE_ROW_FIELDS = ("sampled", "accepted", "rejected", "failed", "train_loss", "local_eval_loss",
+PRIVATE_ROW_FIELDS = ("sampled", "accepted", "rejected", "failed", "updated", "train_loss", "local_eval_loss",
                       "local_eval_accuracy", "bytes_up", "bytes_down", "delta_norm_mean")
 
 

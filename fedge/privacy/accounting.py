@@ -6,7 +6,7 @@ Record level (DP-SGD on one client, Poisson sampling of examples with rate q):
     ``PRVAccountant``: Gopi et al. 2021, arXiv:2106.02848). Add/remove adjacency.
 
 User level (one client's whole data, m of N clients per round, noise std z·S/m):
-    ``sampling="fixed"`` — what ``DeltaStrategy.sample`` does: a uniformly random
+    ``sampling="fixed"`` — ``privacy.user_level.sampling: fixed``: a uniformly random
       subset of exactly m of N clients, without replacement. Poisson-subsampled
       RDP does not cover this. We use the bound for sampling without replacement
       under *replace-one* adjacency (Wang, Balle, Kasiviswanathan 2019,
@@ -14,9 +14,9 @@ User level (one client's whole data, m of N clients per round, noise std z·S/m)
       client moves the clipped sum by up to 2S, so the Gaussian base mechanism
       has std/sensitivity = z·S/(2S) = z/2: we account with z/2.
     ``sampling="poisson"`` — each client joins independently with q = m/N; the
-      aggregate is still divided by the planned m. Add/remove adjacency,
-      sensitivity S, Opacus' accountant with (z, q). Only valid when the server
-      really samples clients that way.
+      aggregate is divided by the expected count m = q·N. Add/remove adjacency,
+      sensitivity S, Opacus' accountant with (z, q). fedge's default: the
+      server samples clients exactly this way (``strategies/dp_user_level.py``).
 
 Every privacy parameter is keyword-only and checked; a bad value raises
 ``ValueError`` with a plain message.
@@ -297,8 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--clients-per-round", type=int, required=True, help="m, clients sampled per round")
     u.add_argument("--num-clients", type=int, required=True, help="N, clients in the federation")
     u.add_argument("--rounds", type=int, required=True, help="rounds that release an aggregate")
-    u.add_argument("--sampling", choices=SAMPLINGS, default="fixed",
-                   help="fixed: m of N without replacement (fedge's sampler); poisson: independent, q = m/N")
+    u.add_argument("--sampling", choices=SAMPLINGS, default="poisson",
+                   help="poisson (fedge's default, privacy.user_level.sampling): each client joins with q = m/N; "
+                   "fixed: exactly m of N without replacement (replace-one, ~9x more ε at the same noise)")
     common(u, ACCOUNTANTS)
     return p
 

@@ -16,7 +16,7 @@ from simulations.runner import simulate
 from tests.conftest import tiny_scenario_overrides
 
 pytestmark = pytest.mark.slow
-WITHHELD = ("sampled", "accepted", "rejected", "failed", "train_loss", "local_eval_loss", "local_eval_accuracy",
+WITHHELD = ("sampled", "accepted", "rejected", "failed", "updated", "train_loss", "local_eval_loss", "local_eval_accuracy",
             "bytes_up", "bytes_down", "delta_norm_mean")
 
 
