@@ -71,6 +71,13 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
     from fedge.privacy.accounting import user_level_noise_for_epsilon
     from strategies.dp_user_level import UserLevelDP
 
+    if cfg.secure_aggregation.enabled and ul.sampling == "poisson":
+        # A Poisson cohort can be too small to mask (fewer than 2 or than the threshold); skipping or
+        # zeroing such a round depends on who joined, which breaks the add/remove sensitivity S.
+        raise strategies.StrategyError("privacy.user_level.sampling: poisson cannot be combined with "
+                                       "secure_aggregation.enabled (a small Poisson cohort cannot be masked); "
+                                       "set privacy.user_level.sampling: fixed (accounted replace-one)")
+
     z = ul.noise_multiplier or user_level_noise_for_epsilon(
         target_epsilon=ul.target_epsilon, clients_per_round=fed.clients_per_round,
         num_clients=cfg.data.num_clients, rounds=fed.num_rounds, delta=ul.delta, sampling=ul.sampling)

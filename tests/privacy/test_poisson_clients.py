@@ -245,3 +245,16 @@ def test_default_count_noise_is_valid_for_small_cohorts():
     # m/20 = 0.5 alone would be refused for z = 1 (needs σ_b > z/2); the default spends ≤ 10 % on the count
     strat = dp(10, noise_multiplier=1.0, adaptive=True)
     assert strat.delta_noise_multiplier == pytest.approx(1.0 / np.sqrt(0.9), rel=1e-9)
+
+
+def test_server_builds_what_the_config_says_and_refuses_poisson_under_secure_aggregation():
+    from server.federation import build_strategy
+    from strategies import StrategyError
+
+    dp_on = ["privacy.user_level.enabled=true", "privacy.user_level.noise_multiplier=1", "privacy.user_level.delta=1e-3"]
+    strat = build_strategy(fcfg.load("default", dp_on), base_hash="")
+    assert (strat.sampling, strat.num_clients, strat.adaptive) == ("poisson", 8, True)
+    fixed = build_strategy(fcfg.load("default", dp_on + ["privacy.user_level.sampling=fixed"]), base_hash="")
+    assert fixed.sampling == "fixed"
+    with pytest.raises(StrategyError, match="privacy.user_level.sampling: poisson cannot be combined"):
+        build_strategy(fcfg.load("default", dp_on + ["secure_aggregation.enabled=true"]), base_hash="")
