@@ -9,6 +9,10 @@ Flower processes on loopback and stop each one by PID.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -114,18 +118,46 @@ def test_proxy_refuses_everything_but_fleet_paths(path):
     assert "/v1/fleet/get-run" in fleet_paths() and not any("/control/" in p for p in fleet_paths())
 
 
-def test_server_refuses_a_public_host_without_certificates(tmp_path, capsys):
-    # Prepare / Execute: the operator forgets --certs on a public address
-    from fedge.cli import main
+def _fedge_cli(*args: str, timeout: float = 180) -> tuple[int, str]:
+    """``python -m fedge.cli ...`` in its own process group; killed by PID if it is still running at ``timeout``
+    (the old code started a SuperLink / SuperNode here and waited forever)."""
+    p = subprocess.Popen([sys.executable, "-m", "fedge.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGINT)  # KeyboardInterrupt: its finally stops the processes it started
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        pytest.fail(f"fedge {args[0]} did not refuse; still running after {timeout:.0f} s")
+    return p.returncode, out
 
-    rc = main(["server", "default", "--host", "0.0.0.0", "--home", str(tmp_path / "srv")])
+
+def test_server_refuses_a_public_host_without_certificates(tmp_path):
+    # Prepare / Execute: the operator forgets --certs on a public address
+    rc, out = _fedge_cli("server", "default", "--host", "0.0.0.0", "--home", str(tmp_path / "srv"))
     # Assert: a clear error naming the option, nothing started
-    assert rc == 2
-    assert "--certs is required" in capsys.readouterr().err
+    assert rc == 2, out
+    assert "--certs is required" in out
     assert not (tmp_path / "srv" / "superlink.log").exists()
     with pytest.raises(D.DeployError, match="SuperNode authentication cannot be turned off"):
         D.start_server(home=tmp_path / "srv2", host="0.0.0.0", certs=D.make_certs(tmp_path / "c"),
                        supernode_auth=False)
+
+
+def test_client_on_a_remote_server_requires_the_pinned_key(tmp_path):
+    # Prepare: a device's data file; the server is on another machine
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\n')
+    # Execute: enrol without --trusted-key
+    rc, out = _fedge_cli("client", "--server", "10.0.0.5:9093", "--data", str(data), "--device-id", "d",
+                         "--home", str(tmp_path / "dev"))
+    # Assert: refused before any SuperNode starts (it would run whatever bundle it is sent)
+    assert rc == 2 and "--trusted-key" in out, out
+    assert not (tmp_path / "dev" / "supernode.log").exists()
 
 
 # -- real processes ---------------------------------------------------------------------------------
