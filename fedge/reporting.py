@@ -99,7 +99,7 @@ def draw_plots(runs: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if stem == "rejected":
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # all zeros: 0..1, not 0..0.05
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize="small")
