@@ -59,25 +59,38 @@ def make_certs(out_dir: str | Path, hosts: Iterable[str] = ("127.0.0.1", "localh
     """A self-signed CA and a SuperLink certificate for ``hosts`` (IPs or DNS names), as PEM files.
 
     ``ca.crt`` goes to every device; ``server.key`` never leaves the server. No openssl needed.
+    Nothing is ever overwritten: a directory holding ``ca.crt`` + ``ca.key`` but no server
+    files gets a new server certificate from that CA (reissue); any other existing file: DeployError.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Never replace a CA: every enrolled device trusts the old one (and a planted file or link
-    # at a key path must not receive a key). Remove the files by hand to start over.
-    existing = [n for n in ("ca.crt", "ca.key", "server.pem", "server.key") if os.path.lexists(out / n)]
-    if existing:
-        raise DeployError(f"{out} already holds {', '.join(existing)}: make_certs never overwrites a CA or "
-                          "its keys (devices trust the existing ca.crt); use another directory or remove them")
+    # at a key path must not receive a key). An existing CA (ca.crt + ca.key) is reused to issue
+    # a new server certificate once server.pem and server.key have been removed by hand.
+    existing = [n for n in ("server.pem", "server.key") if os.path.lexists(out / n)]
+    ca_files = [n for n in ("ca.crt", "ca.key") if os.path.lexists(out / n)]
+    if existing or len(ca_files) == 1:
+        raise DeployError(f"{out} already holds {', '.join(existing + ca_files)}: make_certs never overwrites a CA, "
+                          "a certificate or a key (devices trust the existing ca.crt); to reissue the server "
+                          "certificate with the same CA remove server.pem and server.key, else use another directory")
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
 
-    ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedge-ca")])
+    if ca_files:
+        ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+        if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
+            raise DeployError(f"{out / 'ca.key'} is not the key of {out / 'ca.crt'}")
+        ca_name = ca_cert.subject
+        return _issue_server_cert(out, hosts, ca_cert, ca_key, ca_name, now, min(until, ca_cert.not_valid_after_utc),
+                                  common_name, new_ca=False)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now).not_valid_after(until)
@@ -88,6 +101,15 @@ def make_certs(out_dir: str | Path, hosts: Iterable[str] = ("127.0.0.1", "localh
                                             encipher_only=False, decipher_only=False), critical=True)
                .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
                .sign(ca_key, hashes.SHA256()))
+    return _issue_server_cert(out, hosts, ca_cert, ca_key, ca_name, now, until, common_name, new_ca=True)
+
+
+def _issue_server_cert(out: Path, hosts, ca_cert, ca_key, ca_name, now, until, common_name: str, *,
+                       new_ca: bool) -> Certs:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     sans: list[x509.GeneralName] = []
     # Loopback names always: the Control API and the ServerApp's runtime connection stay on 127.0.0.1.

@@ -269,6 +269,31 @@ def test_make_certs_never_overwrites_an_existing_ca(tmp_path):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
+def test_reissue_keeps_the_ca_and_chains_to_it(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedge.deploy import make_certs
+
+    d = tmp_path / "certs"
+    first = make_certs(d, hosts=("10.0.0.1",))
+    ca = {n: (d / n).read_bytes() for n in ("ca.crt", "ca.key")}
+    old_server = first.server_cert.read_bytes()
+    first.server_cert.unlink()
+    first.server_key.unlink()
+    # Execute: a new server address, same CA
+    second = make_certs(d, hosts=("10.0.0.2",))
+    # Assert: CA untouched; the new certificate is signed by it and names the new address
+    assert {n: (d / n).read_bytes() for n in ca} == ca
+    cert = x509.load_pem_x509_certificate(second.server_cert.read_bytes())
+    ca_cert = x509.load_pem_x509_certificate(ca["ca.crt"])
+    ca_cert.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    assert cert.issuer == ca_cert.subject and second.server_cert.read_bytes() != old_server
+    ips = {str(ip) for ip in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+           .get_values_for_type(x509.IPAddress)}
+    assert "10.0.0.2" in ips and "10.0.0.1" not in ips
+
+
 def test_planted_link_at_a_key_path_does_not_receive_the_key(tmp_path):
     from fedge.deploy import DeployError, make_certs, make_node_keys
 
