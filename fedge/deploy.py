@@ -134,10 +134,10 @@ def _issue_server_cert(out: Path, hosts, ca_cert, ca_key, ca_name, now, until, c
     # Keys first: a failure leaves no certificate without its key.
     _write_secret(certs.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()))
-    # The CA key is only needed to issue more certificates; kept beside, owner-only.
-    _write_secret(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
-    _write_new(certs.ca_cert, ca_cert.public_bytes(pem), 0o644)
+    if new_ca:  # the CA key is only needed to issue more certificates; kept beside, owner-only
+        _write_secret(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+        _write_new(certs.ca_cert, ca_cert.public_bytes(pem), 0o644)
     _write_new(certs.server_cert, cert.public_bytes(pem), 0o644)
     return certs
 
