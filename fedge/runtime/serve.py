@@ -386,7 +386,7 @@ class LocalServer:
         finally:
             self.sock.close()
 
-    def start(self, timeout: float = 30.0) -> "LocalServer":
+    def start(self, timeout: float = 30.0) -> LocalServer:
         self.thread = threading.Thread(target=self.run, name="fedge-serve", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -402,7 +402,7 @@ class LocalServer:
             self.thread.join(timeout)
         self.sock.close()
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -50,8 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from fedge.export.manifest import MANIFEST, SIGNATURE, ManifestError, sha256_file
-from fedge.export.signing import (MAX_MANIFEST_BYTES, SIGNATURE_BYTES, SignatureError, verify_manifest,
-                                  verify_manifest_bytes)
+from fedge.export.signing import (
+    MAX_MANIFEST_BYTES,
+    SIGNATURE_BYTES,
+    SignatureError,
+    verify_manifest,
+    verify_manifest_bytes,
+)
 
 ALLOWED_SUFFIXES = (".json", ".sig", ".safetensors", ".gguf", ".onnx", ".txt", ".jinja", ".model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".dill", ".h5")
