@@ -203,7 +203,9 @@ def publishable_row(row: dict, cfg: fcfg.RunConfig) -> dict:
     (central held-out metrics on the server's data, ε, bytes sent per client, timings)."""
     if not cfg.privacy.user_level.enabled:
         return row
-    out = {**row, **{k: None for k in PRIVATE_ROW_FIELDS if k in row}, "rejected_reasons": []}
+    out = {**row, **{k: None for k in PRIVATE_ROW_FIELDS if k in row}}
+    if "rejected_reasons" in row:
+        out["rejected_reasons"] = []
     out.pop("secure_aggregation", None)  # survivors and dropouts: the realized cohort
     return out
 

@@ -20,7 +20,8 @@ def test_dp_sgd_and_user_level_dp_through_the_simulation_engine(tmp_path, tiny_l
     # Prepare: both mechanisms on; a client that already spent almost all its budget
     over = ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=8", "privacy.dp_sgd.delta=1e-3",
             "privacy.user_level.enabled=true", "privacy.user_level.noise_multiplier=1.0",
-            "privacy.user_level.clip_norm=0.05", "privacy.user_level.delta=1e-3", "federation.min_replies=1"]
+            "privacy.user_level.clip_norm=0.05", "privacy.user_level.delta=1e-3", "federation.min_replies=1",
+            "privacy.user_level.sampling=fixed"]
     cfg = fcfg.load("default", tiny_scenario_overrides(tiny_llama_dir) + over)
     run = tmp_path / "run"
     spent = [(0.5, 0.5, 200)]  # ε ≫ 8 at δ = 1e-3
@@ -36,11 +37,16 @@ def test_dp_sgd_and_user_level_dp_through_the_simulation_engine(tmp_path, tiny_l
     expected = accounting.user_level_epsilon(noise_multiplier=1.0, clients_per_round=3, num_clients=3, rounds=2,
                                              delta=1e-3, sampling="fixed")
     assert eps_user[1] == pytest.approx(expected, rel=1e-9)
-    # Record-level: the exhausted client refuses to train, the others report ε within budget
+    # Record-level: the exhausted client refuses to train, the others report ε within budget. Under
+    # user-level DP who was rejected and why is not published: the server's checkpoint has it.
+    from server import checkpoint
+
     for r in rows:
-        assert r["accepted"] == 2 and r["rejected"] == 1
-        assert any("privacy budget exhausted" in why for why in r["rejected_reasons"])
-        assert r["train_loss"] is None  # not privatised, so not sent
+        assert r["accepted"] is None and r["rejected_reasons"] == []
+        trained = checkpoint._read(run / "checkpoints" / f"round-{r['round']:04d}").extra["trained"]
+        assert trained["accepted"] == 2 and trained["rejected"] == 1
+        assert any("privacy budget exhausted" in why for why in trained["rejected_reasons"])
+        assert trained["train_loss"] is None  # not privatised, so not sent
         assert 0 < r["epsilon_record_max"] <= 8
     rec = summary["privacy"]["record_level"]["epsilon"]
     assert sorted(rec) == ["partition-000000", "partition-000001"]

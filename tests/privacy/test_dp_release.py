@@ -7,7 +7,9 @@ import json
 import logging
 import stat
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from fedge import config as fcfg
 from fedge.privacy import accounting
@@ -66,6 +68,23 @@ def test_user_level_run_publishes_no_unnoised_client_statistic(tmp_path, tiny_ll
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
     # #11.5: each release was charged and checkpointed with its round (before evaluation clients got it)
     assert [json.loads(ck[r].extra["ledger"])["events"][-1]["round"] for r in (1, 2)] == [1, 2]
+
+    # Resume after a crash between the release of round 2 and its metrics row (what a kill during
+    # evaluation leaves): the round is reported from the checkpoint, not trained and released again.
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(metrics[:-1]) + "\n")
+    simulate(fcfg.load(run / "config.yaml"), run, resume=True)  # the run's own config, as `--resume` does
+    again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(again) == len(metrics) and again[-1]["round"] == 2
+    measured = ("seconds", "server_rss_mb")
+    assert {k: v for k, v in again[-1].items() if k not in measured} == \
+        {k: v for k, v in json.loads(metrics[-1]).items() if k not in measured}
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == resumed.keys() and all(np.array_equal(adapter[k], resumed[k]) for k in adapter)
+    after = checkpoint.load_latest(run)
+    assert after.round == 2 and after.extra["ledger"] == ck[2].extra["ledger"]  # charged once
+    assert after.extra["cohorts"] == cohorts
 
 
 def test_seeded_cohorts_and_mode_for_a_non_dp_run(tmp_path, tiny_llama_dir):
