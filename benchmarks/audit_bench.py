@@ -1,0 +1,152 @@
+"""Privacy audit: the measured lower bound ε_lb beside the accountant's ε, in one run.
+
+Rows (δ = 1e-5, 95% confidence, one-run bound of Steinke et al. 2023):
+
+* user level, white box: canary clients through the real ``UserLevelDP`` aggregation
+  (Poisson sampling, every canary in every round: q = 1, 8 rounds), no DP and ε ∈ {2, 4, 8}
+  (z calibrated by the accountant for that run);
+* record level, black box: canary records in a tiny BERT classifier's data, trained by the
+  real DP-SGD (``fedge.privacy.dpsgd``), no DP and ε ∈ {1, 4, 8}.
+
+Writes benchmarks/results/audit.md, audit.csv and audit.png.
+Usage: nice -n 19 python benchmarks/audit_bench.py [--user-canaries 10000] [--record-canaries 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROUNDS, DELTA, CLIP = 8, 1e-5, 0.1
+
+
+def user_rows(m: int) -> list[dict]:
+    from fedge.privacy.accounting import user_level_noise_for_epsilon
+    from simulations.audit import audit_user_level
+
+    rows = []
+    for eps in (None, 2.0, 4.0, 8.0):
+        z = None if eps is None else user_level_noise_for_epsilon(
+            target_epsilon=eps, clients_per_round=m, num_clients=m, rounds=ROUNDS, delta=DELTA, sampling="poisson")
+        t0 = time.perf_counter()
+        r = audit_user_level(canaries=m, rounds=ROUNDS, noise_multiplier=z, clip_norm=CLIP, delta=DELTA, seed=0,
+                             sampling="poisson")
+        r["setting"] = "no DP" if eps is None else f"user-level DP, target ε {eps:g}"
+        r["wall_s"] = time.perf_counter() - t0
+        rows.append(r)
+        print(_line(r), flush=True)
+    return rows
+
+
+def record_rows(m: int) -> list[dict]:
+    import torch
+
+    from simulations.audit import audit_record_level
+
+    torch.set_num_threads(1)
+    rows = []
+    for eps in (None, 1.0, 4.0, 8.0):
+        t0 = time.perf_counter()
+        r = audit_record_level(canaries=m, target_epsilon=eps, delta=DELTA, seed=0)
+        r["setting"] = "no DP" if eps is None else f"DP-SGD, target ε {eps:g}"
+        r["wall_s"] = time.perf_counter() - t0
+        rows.append(r)
+        print(_line(r), flush=True)
+    return rows
+
+
+def _line(r: dict) -> str:
+    eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+    return f"{r['level']:>6} {r['access']:>5} | {r['setting']:<32} | ε {eps:>6} | ε_lb {r['epsilon_lb']:.3f} | " \
+           f"AUROC {r['auroc']:.3f} | {r['wall_s']:.1f} s"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (level, access), mark in ((("user", "white"), "o"), (("record", "black"), "s")):
+        pts = [(r["epsilon"], r["epsilon_lb"]) for r in rows if r["level"] == level and r["access"] == access
+               and r["epsilon"] is not None]
+        ax.plot(*zip(*pts), mark + "-", label=f"{level} level, {access} box")
+        none = [r for r in rows if r["level"] == level and r["access"] == access and r["epsilon"] is None]
+        for r in none:
+            ax.axhline(r["epsilon_lb"], ls=":", color=ax.lines[-1].get_color(), lw=1)
+            ax.annotate(f"no DP: ε_lb {r['epsilon_lb']:.2f}", (0.3, r["epsilon_lb"]), fontsize=8, va="bottom")
+    ax.plot([0, 9], [0, 9], "k--", lw=1, label="ε_lb = ε (a correct mechanism stays below)")
+    ax.plot([0, 9], [0, 0.45 * 9], color="grey", lw=1, label="ε_lb = 0.45 ε (Steinke et al.'s ratio)")
+    ax.set_xlim(0, 9)
+    ax.set_ylim(0, 9)
+    ax.set_xlabel("ε (accountant, δ = 1e-5)")
+    ax.set_ylabel("ε_lb (measured, 95%)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--user-canaries", type=int, default=10000)
+    ap.add_argument("--record-canaries", type=int, default=256)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "audit.md"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.process_time()
+    rows = user_rows(args.user_canaries) + record_rows(args.record_canaries)
+    cpu = time.process_time() - t0
+    cols = ["setting", "level", "access", "epsilon", "epsilon_lb", "canaries", "delta", "confidence", "r", "v",
+            "auroc", "tpr_at_fpr", "exposure_mean", "ceiling", "noise_multiplier", "wall_s"]
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r["setting"], r["level"] if r["epsilon"] is not None else "none", r["access"],
+                        "" if r["epsilon"] is None else f"{r['epsilon']:.4f}", f"{r['epsilon_lb']:.4f}", r["canaries"],
+                        r["delta"], r["confidence"], r["r"], r["v"], f"{r['auroc']:.4f}", f"{r['tpr_at_fpr']:.4f}",
+                        f"{r['exposure']['mean']:.3f}", f"{r['ceiling']:.3f}",
+                        "" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}", f"{r['wall_s']:.1f}"])
+    plot(rows, out.with_suffix(".png"))
+    lines = ["# Privacy audit: measured ε_lb beside the accountant's ε", "",
+             f"`nice -n 19 python benchmarks/audit_bench.py` ({platform.processor() or platform.machine()}, "
+             f"{cpu / 60:.1f} CPU-minutes). One run per row; δ = {DELTA:g}; ε_lb at 95% confidence "
+             "(Steinke, Nasr, Jagielski 2023, one-run bound, best of 7 guess counts, Bonferroni-corrected).", "",
+             "| setting | level | access | ε | ε_lb | ε_lb / ε | canaries | AUROC | TPR @ 1% FPR | ceiling |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        ratio = "—" if r["epsilon"] is None else f"{r['epsilon_lb'] / r['epsilon']:.2f}"
+        lines.append(f"| {r['setting']} | {r['level'] if r['epsilon'] is not None else 'none'} | {r['access']} | "
+                     f"{eps} | {r['epsilon_lb']:.2f} | {ratio} | {r['canaries']} | {r['auroc']:.3f} | "
+                     f"{r['tpr_at_fpr']:.3f} | {r['ceiling']:.2f} |")
+    bad = [r for r in rows if r["epsilon"] is not None and r["epsilon_lb"] > r["epsilon"]]
+    lines += ["", f"![ε_lb vs ε]({out.with_suffix('.png').name})", "",
+              "ε_lb above ε in any row would be a privacy bug: " + ("**" + ", ".join(r["setting"] for r in bad) + "**"
+                                                                    if bad else "none."),
+              "", "- *ceiling*: the largest ε_lb this many canaries can show (every guess right).",
+              "- User level: every canary takes part in every round (q = 1); the audit tests the clipping, the "
+              "1/m and the noise of `UserLevelDP` and their composition over the rounds, not the amplification "
+              "by client sampling.",
+              "- Record level: a tiny BERT (random weights, LoRA r = 8) memorises random canary records only "
+              "weakly in 300 steps, so the black-box bounds are far from ε; causal-LM canaries and white-box "
+              "DP-SGD (gradient canaries) are not measured here."]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')} ({cpu / 60:.1f} CPU-min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

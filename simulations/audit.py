@@ -1,0 +1,310 @@
+"""``fedge audit``: measure the privacy of a scenario's mechanisms with canaries (one run).
+
+Bound, exposure, TPR/AUROC: :mod:`fedge.privacy.audit` (Steinke, Nasr, Jagielski 2023;
+Carlini et al. 2019). This module makes the canaries and the scores.
+
+User level, white box (:func:`audit_user_level`). m canary clients; canary j owns a fixed
+direction u_j (a random signed basis vector of R^m, so the u_j are orthonormal: no
+canary's update leaks into another's score; the mechanism's noise is isotropic and its
+clipping depends on norms only, so any other orthonormal frame gives the same law).
+Every round, the canaries' deltas c·u_j (‖c u_j‖ = 100 S ≫ S: always clipped to S) go
+through the *real* server aggregation ``UserLevelDP.aggregate`` (clip to S, sum, 1/m,
+N(0, (zS/m)²)) and its ``server_update``, for the planned number of rounds. Inclusion
+S_j ~ Bernoulli(½) follows the accountant's adjacency:
+
+    sampling "fixed" (replace-one):  canary j sends +c·u_j if S_j = 1, −c·u_j if not
+    sampling "poisson" (add/remove): canary j takes part if S_j = 1, is absent if not
+
+score_j = cos(A_T − A_0, u_j) = ⟨A_T − A_0, u_j⟩ / ‖A_T − A_0‖.
+Per round the score moves by S/m (add/remove; 2S/m replace-one) against noise zS/m,
+exactly the Gaussian mechanism the accountant charges, so a correct mechanism gives
+ε_lb ≤ ε and a missing 1/m, a skipped clip or missing noise gives ε_lb > ε.
+Every canary takes part in every round (q = 1): the audit does not exercise the
+amplification by client sampling, and its ε is the accountant's ε for that run (≥ the
+scenario's ε, which is reported beside it).
+
+Record level, black box (:func:`audit_record_level`). A tiny seeded BERT classifier
+(random weights from a config, LoRA on query/value) and random background records;
+m canary records (random tokens with a label no other record has), each in the
+client's training data with probability ½, trained by the real
+``fedge.privacy.dpsgd.train_local_dp`` (or ``fedge.train.train_local`` without DP);
+score_j = logit margin of the canary label on canary j in the final model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedge.privacy import audit as A
+from fedge.privacy.ledger import PrivacyLedger
+
+_CANARY_SCALE = 100.0  # canary delta norm in units of S: clipped in every round, even with adaptive S
+
+
+def load_mechanism(path: str):
+    """A UserLevelDP-compatible class from 'pkg.module:Class' (default: the real one)."""
+    if ":" not in path:
+        raise ValueError(f"--mechanism must be 'pkg.module:Class', got {path!r}")
+    mod, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--mechanism {path!r}: {err}") from None
+
+
+def audit_user_level(
+    *, canaries: int, rounds: int, noise_multiplier: float | None, clip_norm: float, delta: float,
+    seed: int = 0, inner: str = "fedavg", mechanism=None, adaptive: bool = False, target_quantile: float = 0.5,
+    clip_lr: float = 0.2, count_noise_std: float | None = None, sampling: str | None = None,
+    accountant: str = "rdp", p: float = A.DEFAULT_P,
+) -> dict:
+    """White-box user-level audit (module docstring). ``noise_multiplier=None``: no DP (the
+    inner strategy's own aggregate, nothing clipped or noised), ε is None."""
+    import strategies
+
+    m = int(canaries)
+    if m < 2:
+        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    if int(rounds) < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    rng = np.random.default_rng(seed)
+    included = rng.random(m) < 0.5
+    axis = rng.permutation(m)  # canary j's direction: e_{axis[j]}
+    base = strategies.build(inner, clients_per_round=m, min_replies=1, seed=seed)
+    if noise_multiplier is None:
+        strat, sampling = base, sampling or "fixed"
+    else:
+        if mechanism is None:
+            from strategies.dp_user_level import UserLevelDP as mechanism
+        kw = dict(noise_multiplier=noise_multiplier, clip_norm=clip_norm, adaptive=adaptive,
+                  target_quantile=target_quantile, clip_lr=clip_lr, count_noise_std=count_noise_std, seed=seed)
+        if sampling is not None and "sampling" in inspect.signature(mechanism).parameters:
+            kw["sampling"] = sampling
+        strat = mechanism(base, **kw)
+        sampling = getattr(strat, "sampling", "fixed")
+    replace_one = sampling == "fixed"
+    size = _CANARY_SCALE * clip_norm
+    present = np.arange(m) if replace_one else np.flatnonzero(included)
+    deltas_ = []
+    for j in present:
+        v = np.zeros(m)
+        v[axis[j]] = size if included[j] else -size
+        deltas_.append({"canary": v})
+    weights = np.full(len(deltas_), 1.0 / max(len(deltas_), 1))
+    start = {"canary": np.zeros(m)}
+    current, ledger = start, PrivacyLedger()
+    strat.current = dict(start)  # A_0: the shapes an empty Poisson cohort releases noise in
+    t0 = time.perf_counter()
+    for t in range(1, int(rounds) + 1):
+        agg = strat.aggregate(deltas_, weights)
+        current = strat.server_update(current, agg)
+        event = getattr(strat, "last_event", None)
+        if event is not None:
+            ledger.record(dataclasses.replace(event, round=t))
+    moved = current["canary"] - start["canary"]
+    norm = float(np.linalg.norm(moved))
+    scores = moved[axis] / norm if norm > 0 else np.zeros(m)
+    eps = ledger.user_level_epsilon(delta=delta, accountant=accountant) if ledger.releases() else None
+    return {"level": "user", "access": "white", "epsilon": eps, "delta": float(delta), "canaries": m,
+            "rounds": int(rounds), "noise_multiplier": noise_multiplier, "clip_norm": float(clip_norm),
+            "sampling": sampling, "adjacency": "replace-one" if replace_one else "add/remove",
+            "mechanism": f"{type(strat).__module__}:{type(strat).__name__}", "seed": seed,
+            "seconds": time.perf_counter() - t0, "score": "cosine of A_T - A_0 with the canary direction",
+            "scores": scores.tolist(), "included": included.tolist(),
+            **A.summarize(scores, included, delta=delta, p=p)}
+
+
+# -- record level, black box --------------------------------------------------
+
+_VOCAB, _LEN, _LABELS = 400, 8, 4  # canary label = _LABELS - 1, no background record has it
+
+
+def tiny_classifier(*, seed: int, r: int = 8):
+    """A seeded tiny BERT classifier (random weights from a config) with LoRA on query/value."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedge.models import add_lora
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32, num_labels=_LABELS,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return add_lora(model, task="sequence-classification", r=r, alpha=2 * r, dropout=0.0,
+                    target_modules=["query", "value"], seed=seed)
+
+
+def _records(n: int, rng: np.random.Generator, label: int | None) -> list[dict]:
+    return [{"input_ids": [1, *rng.integers(5, _VOCAB, size=_LEN).tolist()],
+             "label": int(rng.integers(_LABELS - 1)) if label is None else label} for _ in range(n)]
+
+
+def audit_record_level(
+    *, canaries: int, target_epsilon: float | None, delta: float = 1e-5, background: int = 128, steps: int = 300,
+    batch_size: int = 64, lr: float = 1e-2, max_grad_norm: float = 1.0, accountant: str = "rdp", seed: int = 0,
+    p: float = A.DEFAULT_P,
+) -> dict:
+    """Black-box record-level audit of DP-SGD on one client (module docstring).
+
+    ``target_epsilon=None``: trained without DP by ``fedge.train.train_local``, ε is None.
+    """
+    import torch
+
+    from fedge.privacy import dpsgd
+    from fedge.train import train_local
+
+    m = int(canaries)
+    if m < 2:
+        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    rng = np.random.default_rng(seed)
+    canary = _records(m, rng, label=_LABELS - 1)
+    included = rng.random(m) < 0.5
+    data = _records(background, rng, label=None) + [c for c, b in zip(canary, included) if b]
+    model = tiny_classifier(seed=seed)
+    t0 = time.perf_counter()
+    task = "sequence-classification"
+    if target_epsilon is None:
+        train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        eps, z = None, None
+    else:
+        q = min(1.0, batch_size / len(data))
+        z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps_per_round=steps,
+                                  rounds=1, accountant=accountant)
+        metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=lr,
+                                          noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
+                                          accountant=accountant, seed=seed)
+        eps = float(metrics["epsilon"])
+    from fedge.data.tokenize import collate
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in collate(canary, task=task, pad_id=0).items() if k != "labels"}).logits
+    others = logits[:, :_LABELS - 1].max(dim=1).values
+    scores = (logits[:, _LABELS - 1] - others).double().numpy()
+    return {"level": "record", "access": "black", "epsilon": eps, "delta": float(delta), "canaries": m,
+            "noise_multiplier": z, "steps": steps, "batch_size": batch_size, "background": background,
+            "model": "tiny BERT (2 layers, hidden 32, random weights), LoRA r=8 on query/value",
+            "score": "logit margin of the canary label", "seed": seed, "seconds": time.perf_counter() - t0,
+            "scores": scores.tolist(), "included": included.tolist(),
+            **A.summarize(scores, included, delta=delta, p=p)}
+
+
+# -- outputs -------------------------------------------------------------------
+
+
+def violated(result: dict) -> bool:
+    """ε_lb > ε: the run is measurably less private than its accountant claims."""
+    return result.get("epsilon") is not None and result["epsilon_lb"] > result["epsilon"]
+
+
+def plot_scores(result: dict, path: Path) -> Path:
+    """Histogram of included vs excluded canary scores, ε and ε_lb in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, b = np.asarray(result["scores"]), np.asarray(result["included"], bool)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(s, bins=50)
+    ax.hist(s[~b], bins=bins, alpha=0.6, label=f"excluded ({(~b).sum()})")
+    ax.hist(s[b], bins=bins, alpha=0.6, label=f"included ({b.sum()})")
+    eps = "no DP" if result["epsilon"] is None else f"ε = {result['epsilon']:.2f}"
+    ax.set_title(f"{result['level']}-level, {result['access']} box: {eps}, ε_lb = {result['epsilon_lb']:.2f} "
+                 f"({result['confidence']:.0%})", fontsize=10)
+    ax.set_xlabel(result["score"])
+    ax.set_ylabel("canaries")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_lines(result: dict) -> list[str]:
+    eps = "— (no DP)" if result["epsilon"] is None else f"{result['epsilon']:.3f}"
+    verdict = ("**ε_lb > ε: the mechanism leaks more than its accountant claims (privacy bug)**"
+               if violated(result) else "ε_lb ≤ ε: no violation found (a lower bound, not a proof)")
+    ex = result["exposure"]
+    return [
+        f"## Privacy audit: {result['level']} level, {result['access']} box", "",
+        f"| ε (accountant, δ = {result['delta']:g}) | ε_lb (measured, {result['confidence']:.0%}) | canaries | "
+        f"guesses r / correct v | AUROC | TPR @ FPR {result['fpr']:g} | exposure mean / max (of {ex['max_bits']:.1f} bits) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {eps} | {result['epsilon_lb']:.3f} | {result['canaries']} | {result['r']} / {result['v']} | "
+        f"{result['auroc']:.3f} | {result['tpr_at_fpr']:.3f} | {ex['mean']:.2f} / {ex['max']:.2f} |", "",
+        verdict + f". Score: {result['score']}. Ceiling of this audit (all guesses right): "
+        f"ε_lb ≤ {result['ceiling']:.2f}." + (f" Scenario ε (with client sampling): {result['epsilon_scenario']:.3f}."
+                                              if result.get("epsilon_scenario") is not None else ""), "",
+        f"![canary scores]({result['plot']})", "",
+    ]
+
+
+def write(result: dict, run_dir: Path) -> Path:
+    """audit.json (one entry per level/access), a PNG, and a section in report.md (replaced if present)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = f"{result['level']}-{result['access']}"
+    result["plot"] = plot_scores(result, run_dir / f"audit-{key}.png").name
+    path = run_dir / "audit.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc[key] = {**result, "violated": violated(result)}
+    path.write_text(json.dumps(doc, indent=1))
+    report = run_dir / "report.md"
+    old = report.read_text().splitlines() if report.exists() else [f"# Run {run_dir.name}", ""]
+    head = f"## Privacy audit: {result['level']} level, {result['access']} box"
+    if head in old:  # replace the section up to the next "## "
+        i = old.index(head)
+        j = next((k for k in range(i + 1, len(old)) if old[k].startswith("## ")), len(old))
+        old = old[:i] + old[j:]
+    report.write_text("\n".join([*old, *report_lines(result)]).rstrip("\n") + "\n")
+    return path
+
+
+def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0, mechanism: str | None = None,
+                   p: float = A.DEFAULT_P) -> dict:
+    """The audit a scenario's privacy settings call for (library form of ``fedge audit``)."""
+    if (level, access) not in (("user", "white"), ("record", "black")):
+        raise ValueError(f"--level {level} --access {access}: implemented are user/white and record/black")
+    if level == "user":
+        from server.federation import build_strategy
+
+        ul = cfg.privacy.user_level
+        fed = cfg.federation
+        strat = build_strategy(cfg, base_hash="")
+        z = getattr(strat, "noise_multiplier", None) if ul.enabled else None
+        out = audit_user_level(canaries=canaries, rounds=fed.num_rounds, noise_multiplier=z, clip_norm=ul.clip_norm,
+                               delta=ul.delta, seed=seed, inner=cfg.strategy.name,
+                               mechanism=load_mechanism(mechanism) if mechanism else None, adaptive=ul.adaptive,
+                               target_quantile=ul.target_quantile, clip_lr=ul.clip_lr,
+                               count_noise_std=ul.count_noise_std, sampling=getattr(strat, "sampling", None), p=p)
+        if ul.enabled:
+            from fedge.privacy.accounting import user_level_epsilon
+
+            out["epsilon_scenario"] = user_level_epsilon(
+                noise_multiplier=z, clients_per_round=fed.clients_per_round, num_clients=cfg.data.num_clients,
+                rounds=fed.num_rounds, delta=ul.delta, sampling=getattr(strat, "sampling", "fixed"))
+        return out
+    dp = cfg.privacy.dp_sgd
+    if dp.enabled and dp.target_epsilon is None:
+        raise ValueError("privacy.dp_sgd: the record-level audit calibrates its own noise; give target_epsilon")
+    return audit_record_level(canaries=canaries, target_epsilon=dp.target_epsilon if dp.enabled else None,
+                              delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, seed=seed, p=p)
+
+
+def summary_line(result: dict) -> str:
+    eps = "no DP" if result["epsilon"] is None else f"ε = {result['epsilon']:.3f}"
+    return (f"{result['level']}-level {result['access']}-box audit, {result['canaries']} canaries: {eps}, "
+            f"ε_lb = {result['epsilon_lb']:.3f} at {result['confidence']:.0%} confidence (δ = {result['delta']:g}); "
+            f"AUROC {result['auroc']:.3f}" + ("  ** ε_lb > ε: PRIVACY BUG **" if violated(result) else "")
+            + ("" if result["epsilon"] is None or result["ceiling"] > result["epsilon"] else
+               f"\n  note: with {result['canaries']} canaries ε_lb cannot exceed {result['ceiling']:.2f} < ε: "
+               "violations above that go unseen; use more --canaries"))

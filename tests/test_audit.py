@@ -1,0 +1,106 @@
+"""``fedge audit``: canaries through the real DP mechanisms; ε_lb beside ε; a broken mechanism is flagged."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from fedge import cli
+from fedge.privacy import accounting
+from simulations import audit as SA
+
+T, DELTA = 4, 1e-5
+
+
+@pytest.mark.parametrize("sampling,z", [("poisson", 2.5), ("fixed", 5.0)])
+def test_real_user_level_mechanism_stays_below_its_epsilon(sampling, z):
+    # Prepare: noise for ε ≈ 3.5 over T rounds with the canaries as the whole population (N = m:
+    # q = 1, or m of m); replace-one moves the sum by 2S, so "fixed" needs twice the z.
+    m = 1000
+    # Execute: the real UserLevelDP aggregation, T rounds.
+    got = SA.audit_user_level(canaries=m, rounds=T, noise_multiplier=z, clip_norm=0.1, delta=DELTA, seed=0,
+                              sampling=sampling)
+    # Assert: the ledger's ε is the accountant's ε for (z, m, N = m, T); the audit measures
+    # something (ε_lb well above 0) and never more than ε.
+    expected = accounting.user_level_epsilon(noise_multiplier=z, clients_per_round=m, num_clients=m, rounds=T,
+                                             delta=DELTA, sampling=sampling)
+    assert got["epsilon"] == pytest.approx(expected, rel=1e-9) and 3.0 < got["epsilon"] < 4.5
+    assert got["adjacency"] == ("replace-one" if sampling == "fixed" else "add/remove")
+    assert 0.8 < got["epsilon_lb"] <= got["epsilon"]
+    assert not SA.violated(got)
+
+
+def test_no_dp_reaches_the_audits_ceiling():
+    m = 1000
+    got = SA.audit_user_level(canaries=m, rounds=T, noise_multiplier=None, clip_norm=0.1, delta=DELTA, seed=0)
+    assert got["epsilon"] is None and got["auroc"] == 1.0
+    assert got["epsilon_lb"] > 0.85 * got["ceiling"] and got["epsilon_lb"] > 4.0
+
+
+_BROKEN = '''
+from strategies.dp_user_level import UserLevelDP
+
+
+class NoNoiseDP(UserLevelDP):
+    """Claims z in its release events (the ledger charges z) but adds (almost) no noise."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delta_noise_multiplier = 1e-6
+'''
+
+
+def _audit(tmp_path, *extra):
+    run = tmp_path / "run"
+    # z = 8 (no calibration: fast): the audited run (8 rounds, q = 1) is charged ε ≈ 1.3.
+    rc = cli.main(["audit", "classify", "--set", "privacy.user_level.enabled=true",
+                   "--set", "privacy.user_level.noise_multiplier=8", "--canaries", "500", "--run-dir", str(run), *extra])
+    return rc, run
+
+
+def test_cli_flags_noise_off_while_epsilon_is_claimed(tmp_path, monkeypatch):
+    # Prepare: a mechanism whose noise is off while its events still claim z.
+    (tmp_path / "broken_dp_mod.py").write_text(textwrap.dedent(_BROKEN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # Execute
+    rc, run = _audit(tmp_path, "--mechanism", "broken_dp_mod:NoNoiseDP")
+    # Assert: non-zero exit, and the outputs say why.
+    doc = json.loads((run / "audit.json").read_text())["user-white"]
+    assert rc == 1 and doc["violated"] and doc["epsilon_lb"] > doc["epsilon"]
+    assert "privacy bug" in (run / "report.md").read_text()
+    assert (run / doc["plot"]).stat().st_size > 0
+
+
+def test_cli_passes_the_real_mechanism_and_writes_the_report(tmp_path):
+    rc, run = _audit(tmp_path)
+    doc = json.loads((run / "audit.json").read_text())["user-white"]
+    assert rc == 0 and not doc["violated"] and doc["epsilon_lb"] <= doc["epsilon"]
+    # The audited run (q = 1) is charged at least the scenario's ε (10 of 20 clients per round).
+    assert doc["epsilon_scenario"] <= doc["epsilon"]
+    report = (run / "report.md").read_text()
+    assert report.count("## Privacy audit: user level, white box") == 1
+    rc2, _ = _audit(tmp_path)  # a second audit replaces the section
+    assert rc2 == 0 and (run / "report.md").read_text().count("## Privacy audit: user level") == 1
+
+
+def test_bad_arguments_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="canaries"):
+        SA.audit_user_level(canaries=1, rounds=1, noise_multiplier=1.0, clip_norm=0.1, delta=DELTA)
+    with pytest.raises(ValueError, match="mechanism"):
+        SA.load_mechanism("no_colon_here")
+    assert cli.main(["audit", "classify", "--level", "record", "--access", "white", "--run-dir",
+                     str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_record_level_black_box_dp_sgd_bounds_the_canaries():
+    # Real DP-SGD (Opacus) on a tiny BERT; without DP the canaries are memorised.
+    kw = dict(canaries=256, seed=0)
+    none = SA.audit_record_level(target_epsilon=None, **kw)
+    dp = SA.audit_record_level(target_epsilon=2.0, **kw)
+    assert none["epsilon"] is None and none["auroc"] > 0.7
+    assert dp["epsilon"] == pytest.approx(2.0, abs=0.05) and dp["epsilon_lb"] <= dp["epsilon"]
+    assert np.isfinite(dp["scores"]).all()
