@@ -90,7 +90,9 @@ def test_poisson_inclusion_frequency_is_q_and_clients_join_independently():
     sizes = incl.sum(axis=1)
     assert sizes.var(ddof=1) == pytest.approx(n * q * (1 - q), rel=0.3)
     co = (incl[:, :, None] & incl[:, None, :]).mean(axis=0)[np.triu_indices(n, 1)]
-    assert co.mean() == pytest.approx(q * q, rel=0.05)
+    # (its spread comes from the cohort size: sd of k(k−1) ≈ 2·sd(k)/k = 0.42 per round, 0.021 over 400
+    # rounds; 0.12 is ~6 σ. A sampler that moves clients together, e.g. all-or-none, gives co ≈ q.)
+    assert co.mean() == pytest.approx(q * q, rel=0.12)
 
 
 def test_fixed_sampling_still_draws_exactly_m():
