@@ -78,6 +78,8 @@ def test_cli_passes_the_real_mechanism_and_writes_the_report(tmp_path):
     rc, run = _audit(tmp_path)
     doc = json.loads((run / "audit.json").read_text())["user-white"]
     assert rc == 0 and not doc["violated"] and doc["epsilon_lb"] <= doc["epsilon"]
+    # The per-canary record survives into audit.json (scores and inclusion bits, one per canary).
+    assert len(doc["scores"]) == len(doc["included"]) == 500 and doc["n_included"] == sum(doc["included"])
     # The audited run (q = 1) is charged at least the scenario's ε (10 of 20 clients per round).
     assert doc["epsilon_scenario"] <= doc["epsilon"]
     report = (run / "report.md").read_text()

@@ -195,7 +195,7 @@ def summarize(scores: Sequence[float], included: Sequence[bool], *, delta: float
     exp_in = exposure(s[b], s[~b]) if (~b).any() else np.array([])
     out.update(
         auroc=auroc(s, b), fpr=float(fpr), tpr_at_fpr=tpr_at_fpr(s, b, fpr=fpr),
-        included=int(b.sum()), excluded=int((~b).sum()),
+        n_included=int(b.sum()), n_excluded=int((~b).sum()),
         exposure={"max_bits": float(np.log2((~b).sum() + 1)) if (~b).any() else 0.0,
                   "mean": float(exp_in.mean()) if exp_in.size else math.nan,
                   "median": float(np.median(exp_in)) if exp_in.size else math.nan,
