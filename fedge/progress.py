@@ -24,6 +24,7 @@ from pathlib import Path
 _lock = threading.Lock()
 _listeners: list[Callable[[dict], None]] = []
 _file: Path | None = None
+_withhold = False  # user-level DP: how many clients replied is not published (it reveals the cohort size)
 
 
 def subscribe(fn: Callable[[dict], None]) -> Callable[[], None]:
@@ -45,7 +46,15 @@ def write_to(path: Path | None) -> None:
     _file = Path(path) if path is not None else None
 
 
+def withhold_counts(on: bool) -> None:
+    """Under user-level DP the realized cohort size is not released: events then carry no counts."""
+    global _withhold
+    _withhold = bool(on)
+
+
 def publish(phase: str, received: int, expected: int) -> None:
+    if _withhold:
+        received = expected = 0  # the view then shows the phase and the clock only
     event = {"phase": phase, "received": int(received), "expected": int(expected), "time": time.time()}
     with _lock:
         listeners, path = list(_listeners), _file

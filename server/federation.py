@@ -292,6 +292,7 @@ def run_federation(
     metrics_path = run_dir / "metrics.jsonl"
     tracker = Tracker(cfg, run_dir)  # TensorBoard / MLflow when tracking.* asks for them
     progress.write_to(run_dir / "progress.json")  # replies so far, for `fedge server`'s live view
+    progress.withhold_counts(cfg.privacy.user_level.enabled)  # the realized cohort size is not released
     fed = cfg.federation
     digest = cfg.digest()
 
@@ -451,4 +452,5 @@ def run_federation(
     write_run_report(run_dir, summary, history)  # report.md + plots/*.png
     tracker.close()
     progress.write_to(None)
+    progress.withhold_counts(False)
     return summary
