@@ -55,7 +55,7 @@ class NoNoiseDP(UserLevelDP):
 
 def _audit(tmp_path, *extra):
     run = tmp_path / "run"
-    # z = 8 (no calibration: fast): the audited run (8 rounds, q = 1) is charged ε ≈ 1.3.
+    # z = 8 (no calibration: fast): the audited run (8 rounds, q = 1) is charged ε ≈ 1.48.
     rc = cli.main(["audit", "classify", "--set", "privacy.user_level.enabled=true",
                    "--set", "privacy.user_level.noise_multiplier=8", "--canaries", "500", "--run-dir", str(run), *extra])
     return rc, run
