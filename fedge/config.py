@@ -248,7 +248,7 @@ class SampleSection(_Section):
 
     num_prompts: int = Field(3, ge=0, le=20, description="Prompts drawn from the global held-out set "
                              "(one per category in turn, seeded); 0 = no sample.")
-    max_new_tokens: int = Field(48, ge=1, le=512, description="Longest answer generated (cut at a word end).")
+    max_new_tokens: int = Field(40, ge=1, le=512, description="Longest answer generated (cut at a word end).")
     repetition_penalty: float = Field(1.2, ge=1.0, le=3.0, description="Generation repetition penalty "
                                       "(1 = none).")
 

@@ -62,25 +62,33 @@ def tidy(text: str, *, cut: bool) -> str:
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, prompt: str, s: fcfg.SampleSection) -> str:
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
+def generate_batch(model, tokenizer, prompts: list[str], s: fcfg.SampleSection) -> list[str]:
+    """Greedy answers to all prompts in one left-padded batch (one pass per token for all of them)."""
+    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = int(tokenizer.pad_token_id)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     ends = {end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
-                         do_sample=False, repetition_penalty=s.repetition_penalty, eos_token_id=sorted(ends),
-                         pad_token_id=tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:]
-    cut = len(new) >= s.max_new_tokens and int(new[-1]) not in ends
-    return tidy(tokenizer.decode(new, skip_special_tokens=True), cut=cut)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
+                         repetition_penalty=s.repetition_penalty, eos_token_id=sorted(ends), pad_token_id=pad)
+    answers = []
+    for row in out[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in ends), None)
+        new = row if stop is None else row[:stop]
+        answers.append(tidy(tokenizer.decode(new, skip_special_tokens=True), cut=stop is None))
+    return answers
 
 
 @torch.no_grad()
-def _loss(model, tokenizer, prompt: str, reference: str, *, max_length: int) -> float:
+def reference_losses(model, tokenizer, prompts: list[str], references: list[str], *, max_length: int) -> list[float]:
+    """ℓ(x, y) of each reference answer y given its prompt x (one batch)."""
     import datasets
 
-    ex = encode_dataset(tokenizer, datasets.Dataset.from_dict({"prompt": [prompt], "response": [reference]}),
+    ex = encode_dataset(tokenizer, datasets.Dataset.from_dict({"prompt": prompts, "response": references}),
                         task="causal-lm", max_length=max_length)
     batch = collate(ex, task="causal-lm", pad_id=int(tokenizer.pad_token_id))
-    return float(per_example_loss(model, batch, task="causal-lm")[0])
+    return [float(v) for v in per_example_loss(model, batch, task="causal-lm")]
 
 
 def answer_samples(ev, cfg: fcfg.RunConfig, holdout, adapter: dict, residual: dict | None = None) -> list[dict]:
@@ -93,20 +101,23 @@ def answer_samples(ev, cfg: fcfg.RunConfig, holdout, adapter: dict, residual: di
     items = pick_prompts(holdout, cfg.sample.num_prompts, seed=cfg.seed, column=column, only=only)
     if cfg.sample_prompt:
         items.append({"prompt": cfg.sample_prompt, "reference": None, "source": "sample_prompt"})
+    if not items:
+        return []
     tok, model = ev.base.tokenizer, ev.model
     models.set_adapter_state(model, adapter)
     model.eval()
-    out = []
-    for it in items:
-        row = dict(it)
-        for who in ("base", "finetuned"):
-            if who == "base":
-                ctx = model.disable_adapter()
-            else:
-                ctx = lora_fed.residual_applied(model, residual)
-            with ctx:
-                row[who] = _generate(model, tok, it["prompt"], cfg.sample)
-                row[f"{who}_loss"] = (None if it["reference"] is None else
-                                      _loss(model, tok, it["prompt"], it["reference"], max_length=cfg.model.max_length))
-        out.append(row)
+    prompts = [it["prompt"] for it in items]
+    scored = [i for i, it in enumerate(items) if it["reference"] is not None]
+    out = [dict(it) for it in items]
+    for who in ("base", "finetuned"):
+        with (model.disable_adapter() if who == "base" else lora_fed.residual_applied(model, residual)):
+            for row, answer in zip(out, generate_batch(model, tok, prompts, cfg.sample)):
+                row[who] = answer
+            losses = reference_losses(model, tok, [prompts[i] for i in scored],
+                                      [items[i]["reference"] for i in scored],
+                                      max_length=cfg.model.max_length) if scored else []
+        for row in out:
+            row[f"{who}_loss"] = None
+        for i, v in zip(scored, losses):
+            out[i][f"{who}_loss"] = v
     return out
