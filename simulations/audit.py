@@ -265,7 +265,8 @@ def write(result: dict, run_dir: Path) -> Path:
         i = old.index(head)
         j = next((k for k in range(i + 1, len(old)) if old[k].startswith("## ")), len(old))
         old = old[:i] + old[j:]
-    report.write_text("\n".join([*old, *report_lines(result)]).rstrip("\n") + "\n")
+    sep = [""] if old and old[-1].strip() else []
+    report.write_text("\n".join([*old, *sep, *report_lines(result)]).rstrip("\n") + "\n")
     return path
 
 

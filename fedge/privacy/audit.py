@@ -121,14 +121,14 @@ def one_run_epsilon(
         raise ValueError(f"k_grid must hold integers >= 1, got {k_grid!r}")
     p_each = _check_p(p) / len(grid)
     order = np.argsort(-s, kind="stable")  # highest first
-    best = {"epsilon_lb": 0.0, "k": grid[0], "r": 0, "v": 0}
+    best: dict | None = None
     for k in grid:
         k = max(1, min(k, m // 2))
         top, bottom = order[:k], order[m - k:] if m >= 2 else order[:0]
         v = int(b[top].sum() + (~b[bottom]).sum())
         r = len(top) + len(bottom)
         eps = epsilon_from_guesses(m=m, r=r, v=v, delta=delta, p=p_each)
-        if eps > best["epsilon_lb"]:
+        if best is None or eps > best["epsilon_lb"]:  # ties keep the smallest k
             best = {"epsilon_lb": eps, "k": k, "r": r, "v": v}
     return {**best, "m": m, "delta": float(delta), "confidence": 1.0 - float(p), "k_grid": grid}
 
