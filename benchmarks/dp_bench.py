@@ -13,7 +13,6 @@ Usage: python benchmarks/dp_bench.py [--out benchmarks/results/dp.md] [--skip-ut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,10 +30,9 @@ sys.path.insert(0, str(ROOT))
 def step_times(repeats: int = 6) -> dict:
     import torch
 
-    from fedge.data import data_args
     from fedge import config as fcfg
     from fedge import models
-    from fedge.data import federated_split
+    from fedge.data import data_args, federated_split
     from fedge.data.tokenize import encode_dataset
     from fedge.privacy import dpsgd
     from fedge.train import train_local

@@ -69,9 +69,8 @@ def plain_round(cfg, rnd: int) -> dict:
     """One round's work without Flower: every client trains (same seeds), FedAvg, central eval."""
     import torch
 
-    from fedge.data import data_args
     from fedge import deltas, models
-    from fedge.data import federated_split
+    from fedge.data import data_args, federated_split
     from fedge.data.tokenize import encode_dataset
     from fedge.train import train_local
     from server.federation import Evaluator
@@ -110,7 +109,7 @@ def main() -> None:
     from fedge import config as fcfg
 
     cfg = fcfg.load("default")
-    lines = [f"# Federation benchmarks (default scenario)", "",
+    lines = ["# Federation benchmarks (default scenario)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.python_version()}; "
              f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "

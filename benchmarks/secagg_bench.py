@@ -40,7 +40,8 @@ def one(n: int, k: int, drop: int) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
     import tests.test_secagg as T
-    from fedge import deltas, protocol as P
+    from fedge import deltas
+    from fedge import protocol as P
     from server.secagg import SecAggParams, secure_train_round
     from strategies import build
 

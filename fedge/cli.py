@@ -182,8 +182,7 @@ def cmd_export(args) -> int:
     privacy = json.loads((run / "privacy.json").read_text()) if (run / "privacy.json").exists() else {}
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     metrics = {k: summary.get(k) for k in ("final_central_loss", "final_central_accuracy") if k in summary}
-    from fedge.data import data_args
-    from fedge.data import federated_split
+    from fedge.data import data_args, federated_split
 
     labels = federated_split(**data_args(cfg)).label_names
     out = build(cfg, run, privacy=privacy, metrics=metrics, labels=labels)
@@ -548,13 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:  # known user-facing errors get one line, not a traceback
         from fedge.data import DataError
+        from fedge.deploy import DeployError
         from fedge.models import ModelLoadError
-        from strategies import StrategyError
-
         from fedge.runtime.store import StoreError
         from server.checkpoint import CheckpointError
-
-        from fedge.deploy import DeployError
+        from strategies import StrategyError
 
         if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError, StoreError, DeployError)):
             print(f"fedge: {err}", file=sys.stderr)

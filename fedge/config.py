@@ -202,7 +202,7 @@ class ExportSection(_Section):
         return formats
 
     @model_validator(mode="after")
-    def _llamacpp_formats_need_llamacpp(self) -> "ExportSection":
+    def _llamacpp_formats_need_llamacpp(self) -> ExportSection:
         # Fail now, not after training: K-quants are made by llama.cpp's quantizer.
         if self.enabled and self.mode == "merged" and self.formats:
             from fedge.export import llamacpp
@@ -277,7 +277,7 @@ class RunConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> "RunConfig":
+    def _cross_field_rules(self) -> RunConfig:
         fed, data = self.federation, self.data
         if fed.clients_per_round > data.num_clients:
             raise ValueError(

@@ -39,12 +39,16 @@ import re
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord
 
 from fedge import deltas
 from fedge import protocol as P
+
+if TYPE_CHECKING:  # torch is imported lazily at run time (query handlers never need it)
+    import torch
 
 State = dict[str, np.ndarray]
 Finisher = Callable[[State], tuple[State, dict]]

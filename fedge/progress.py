@@ -117,7 +117,6 @@ class LiveView:
         return max(0.0, per * left - (now - self.round_t0))
 
     def status(self) -> str:
-        now = time.monotonic()
         if self.round > self.total:
             what = "finishing: final adapter, export, samples"
         elif self.round == 0:
@@ -156,7 +155,7 @@ class LiveView:
                               completed=self.received)
 
     # -- context -------------------------------------------------------------------
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         self._unsubscribe = subscribe(self.on_event)
         if self.live:
             from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn

@@ -207,7 +207,7 @@ def write_html(run_dirs: list[Path], out_dir: Path, *, title: str | None = None)
         raise ReportError("fedge report: give at least one run directory")
     runs = [read_run(Path(d)) for d in run_dirs]
     names = [r["label"] for r in runs]
-    for i, run in enumerate(runs):  # two runs with one name (a/seed-0, b/seed-0): qualify them
+    for run in runs:  # two runs with one name (a/seed-0, b/seed-0): qualify them
         if names.count(run["label"]) > 1:
             run["label"] = f"{run['dir'].parent.name}/{run['dir'].name}"
     out_dir = Path(out_dir)

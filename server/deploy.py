@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Array, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedge import config as fcfg

@@ -29,16 +29,15 @@ from flwr.serverapp import Grid
 
 import strategies
 from fedge import config as fcfg
-from fedge import deltas, lora_fed, models
+from fedge import deltas, lora_fed, models, progress
 from fedge import protocol as P
 from fedge.data import data_args, federated_split, num_labels
-from fedge import progress
+from fedge.data.tokenize import encode_dataset
 from fedge.messaging import send_and_receive
+from fedge.privacy.ledger import BudgetExceeded, ClientDPSGD, PrivacyLedger
 from fedge.reporting import write_run_report
 from fedge.tracking import Tracker
-from fedge.data.tokenize import encode_dataset
 from fedge.train import evaluate, generate
-from fedge.privacy.ledger import BudgetExceeded, ClientDPSGD, PrivacyLedger
 from server import checkpoint
 from server.deploy import catch_up, linger
 from server.samples import answer_samples

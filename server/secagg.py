@@ -35,9 +35,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedge import deltas
-from fedge.messaging import send_and_receive
 from fedge import protocol as P
 from fedge import secagg as S
+from fedge.messaging import send_and_receive
 from strategies.base import DeltaStrategy
 
 log = logging.getLogger("fedge.secagg")

@@ -331,7 +331,7 @@ def plot(results: list[StrategyResult], *, task: str, path: Path, title: str) ->
             if c.shape[0] > 1:
                 ax.fill_between(x, mean - std, mean + std, color=colors(i % 10), alpha=0.15, linewidth=0)
         ax.set_xlabel("round")
-        ax.set_ylabel(("held-out accuracy" if metric == "central_accuracy" else "held-out loss"))
+        ax.set_ylabel("held-out accuracy" if metric == "central_accuracy" else "held-out loss")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0][0].legend(fontsize=8)

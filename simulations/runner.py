@@ -81,8 +81,7 @@ def disk_needed(cfg: fcfg.RunConfig) -> tuple[int, str]:
 
 def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force: bool = False) -> None:
     """Fail before any runtime starts: unwritable run dir, bad data or strategy settings."""
-    from fedge.data import data_args
-    from fedge.data import federated_split
+    from fedge.data import data_args, federated_split
     from server.federation import build_strategy
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge import deltas, protocol as P
+from fedge import deltas
+from fedge import protocol as P
 from fedge.messaging import send_and_receive
 
 log = logging.getLogger("fedge.strategy")

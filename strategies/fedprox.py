@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.fedavg import FedAvg
-from strategies.registry import register
-
 # Round-config key carrying μ (same name as Flower's FedProx); belongs in fedge.protocol.
 from fedge.protocol import CFG_PROXIMAL_MU
+from strategies.fedavg import FedAvg
+from strategies.registry import register
 
 
 @register("fedprox")

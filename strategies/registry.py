@@ -30,11 +30,23 @@ def register(name: str):
 
 def _load_builtin() -> None:
     # One module per algorithm; importing registers it.
-    from strategies import fedavg  # noqa: F401
-    from strategies import (  # noqa: F401
-        bulyan, fedadagrad, fedadam, fedavgm, fedprox, fedyogi, krum, median, norm_bounding, trimmed_mean,
+    from strategies import (  # noqa: F401  # noqa: F401  (LoRA-aware)
+        bulyan,
+        fedadagrad,
+        fedadam,
+        fedavg,  # noqa: F401
+        fedavgm,
+        fedprox,
+        fedyogi,
+        ffa_lora,
+        hetlora,
+        krum,
+        lora_exact,
+        median,
+        norm_bounding,
+        scaffold,
+        trimmed_mean,
     )
-    from strategies import ffa_lora, hetlora, lora_exact, scaffold  # noqa: F401  (LoRA-aware)
 
 
 def available() -> dict[str, type]:

@@ -10,6 +10,7 @@ import yaml
 from simulations import bench
 from tests.conftest import tiny_scenario_overrides
 
+
 def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

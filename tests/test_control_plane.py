@@ -23,7 +23,6 @@ from fedge import appsign
 from fedge import deploy as D
 from fedge.export import generate_keypair
 
-
 # -- app bundle signatures (no processes) ----------------------------------------------------------
 
 

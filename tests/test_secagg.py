@@ -15,7 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from clients import secagg as C
-from fedge import deltas, protocol as P
+from fedge import deltas
+from fedge import protocol as P
 from fedge import secagg as S
 from server.secagg import SecAggParams, secure_train_round
 from strategies import build
@@ -594,7 +595,7 @@ def test_attack_c_swapped_public_keys_are_detected(swap_identity):
     if not isinstance(share_reply, str) and grid.victim in grid.masked_seen:
         sa = share_reply[P.SECAGG]
         setup = grid.replies(P.SA_SETUP_TYPE)[grid.victim][P.SECAGG]
-        b, s = [], []
+        b = []
         for j, ct in zip(sa[P.SA_DST], sa[P.SA_CIPHERTEXTS]):
             ctx = S.share_context(grid.rid, 1, int(j))
             bs, ss = S.unpack_shares(S.decrypt(S.agree(att[int(j)][0][0], bytes(setup[P.SA_C_PK]), context=ctx),

@@ -41,14 +41,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from fedge.export import llamacpp
-from fedge.export.gguf import (MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf,
-                               write_model_gguf)
+from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
 from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, sha256_file, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
 from fedge.export.signing import fingerprint, load_private_key, sign_manifest

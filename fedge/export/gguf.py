@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -39,10 +39,10 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Collection, Iterable
 
-from fedge.export.gguf import GGUFExportError, MODEL_TYPES, read_gguf, write_model_gguf
+from fedge.export.gguf import MODEL_TYPES, GGUFExportError, read_gguf, write_model_gguf
 
 log = logging.getLogger(__name__)
 

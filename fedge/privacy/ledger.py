@@ -165,7 +165,7 @@ class PrivacyLedger:
                            "events": [{"type": type(e).__name__, **asdict(e)} for e in self._events]})
 
     @classmethod
-    def from_json(cls, text: str) -> "PrivacyLedger":
+    def from_json(cls, text: str) -> PrivacyLedger:
         data = json.loads(text)
         if data.get("version") != LEDGER_VERSION:
             raise ValueError(f"privacy ledger version {data.get('version')!r}; this fedge reads {LEDGER_VERSION}")

@@ -12,11 +12,19 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from fedge.export.gguf import (GGUFExportError, _tensor_type, load_gguf_causal_lm, permute_qk, read_gguf,
-                               read_gguf_tensors, unpermute_qk, write_adapter_gguf, write_model_gguf)
-
 from export_helpers import packaged_gguf, tiny_bpe_tokenizer, tiny_llama
+
+from fedge.export.gguf import (
+    GGUFExportError,
+    _tensor_type,
+    load_gguf_causal_lm,
+    permute_qk,
+    read_gguf,
+    read_gguf_tensors,
+    unpermute_qk,
+    write_adapter_gguf,
+    write_model_gguf,
+)
 
 # Stated tolerances on max |Δlogit| / max |logit| against the fp32 model (tiny random
 # 2-layer Llama, init std 0.1, seeds 3-5): measured F16 0.0008-0.0012, Q8_0 0.021-0.028,

@@ -16,14 +16,21 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import tiny_bpe_tokenizer
 
 from fedge import config as fcfg
 from fedge.export import llamacpp
 from fedge.export.artifact import ArtifactBuildError, build_artifact
-from fedge.export.gguf import (_gguf_name, _tensor_name_map, adapted_tensor_names, load_gguf_causal_lm, permute_qk,
-                               read_gguf, read_gguf_tensors, unpermute_qk)
+from fedge.export.gguf import (
+    _gguf_name,
+    _tensor_name_map,
+    adapted_tensor_names,
+    load_gguf_causal_lm,
+    permute_qk,
+    read_gguf,
+    read_gguf_tensors,
+    unpermute_qk,
+)
 from fedge.export.manifest import read_manifest
 
 # Stated tolerances on max |Δlogit| / max |logit| against the fp32 model, tiny random Llama

@@ -11,8 +11,18 @@ import pytest
 import torch
 from export_helpers import logits
 
-from fedge.export.merge import (INT8_FORMAT, MergeError, dequantize_rowwise, load_int8_model, load_int8_state,
-                                load_peft_model, merge_lora, quantize_rowwise, save_int8, save_merged)
+from fedge.export.merge import (
+    INT8_FORMAT,
+    MergeError,
+    dequantize_rowwise,
+    load_int8_model,
+    load_int8_state,
+    load_peft_model,
+    merge_lora,
+    quantize_rowwise,
+    save_int8,
+    save_merged,
+)
 from fedge.models import load_base
 
 

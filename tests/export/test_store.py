@@ -17,8 +17,16 @@ from pathlib import Path
 import pytest
 
 from fedge.export.artifact import arrays_to_artifact, artifact_to_arrays, build_artifact
-from fedge.export.manifest import (MANIFEST, SIGNATURE, ManifestError, PrivacySpent, canonical_bytes, read_manifest,
-                                   sha256_file, write_manifest)
+from fedge.export.manifest import (
+    MANIFEST,
+    SIGNATURE,
+    ManifestError,
+    PrivacySpent,
+    canonical_bytes,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from fedge.export.signing import SignatureError, fingerprint, load_public_key, verify_manifest
 from fedge.models import load_base
 from fedge.runtime.infer import load_installed

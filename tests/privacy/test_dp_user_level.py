@@ -7,7 +7,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedge import deltas, protocol as P
+from fedge import deltas
+from fedge import protocol as P
 from fedge.privacy import mechanisms as M
 from strategies import build
 from strategies.dp_user_level import CFG_CLIP_NORM, M_NOISE_STD, M_UNCLIPPED, UserLevelDP

@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedge import config as fcfg
-from fedge import deltas, protocol as P
+from fedge import deltas
+from fedge import protocol as P
 from fedge.privacy import accounting
 from fedge.privacy import mechanisms as M
 from fedge.privacy.ledger import BudgetExceeded, PrivacyLedger, RoundReleased

@@ -14,7 +14,8 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedge import deltas, protocol as P
+from fedge import deltas
+from fedge import protocol as P
 from strategies import available, build
 
 SHAPES = {"lora_A": (2, 3), "lora_B": (3, 2), "bias": (4,)}
