@@ -30,6 +30,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
 SAMPLINGS = ("fixed", "poisson")
@@ -71,7 +72,7 @@ def _check_rate(q: float) -> float:
     return v
 
 
-def _check_count(name: str, n: int, *, low: int = 0) -> int:
+def _check_count(name: str, n: float, *, low: int = 0) -> int:  # float: history entries are Sequence[float]
     if isinstance(n, bool) or int(n) != n or n < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {n!r}")
     return int(n)
@@ -140,7 +141,7 @@ def _positive_epsilon(target: float) -> float:
     return v
 
 
-def _unreachable(eps: float, delta: float, plan: str, why) -> str:
+def _unreachable(eps: float, delta: float, plan: str, why: object) -> str:
     return (f"target ε = {eps:g} at δ = {delta:g} is unreachable for {plan} ({why}): "
             "allow a larger ε, fewer steps/rounds, or a smaller sampling rate")
 
@@ -225,7 +226,7 @@ def user_level_noise_for_epsilon(
 # -- planning CLI (`fedge privacy ...`) -----------------------------------------
 
 
-def plan(args: argparse.Namespace) -> dict:
+def plan(args: argparse.Namespace) -> dict[str, Any]:
     """The planning answer for parsed CLI arguments, as a JSON-ready dict."""
     if args.command == "epsilon":
         eps = epsilon(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, steps=args.steps,
@@ -304,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _plan_table(out: dict) -> str:
+def _plan_table(out: dict[str, Any]) -> str:
     rec = out["recommended"]
     lines = ["  batch B  steps/round K  epochs   sigma  noise/coord  NSR/step  NSR/run",
              *(f"{'*' if p == rec else ' '} {p['batch_size']:>7}  {p['steps_per_round']:>13}  {p['epochs']:>6.2f}  "

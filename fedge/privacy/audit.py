@@ -37,12 +37,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 from scipy import special, stats
 
 DEFAULT_P = 0.05  # 95% confidence
 _EPS_HI = 60.0  # bisection ceiling; logit(p^{1/r}) stays below this for any r < 1e25
+# Scores and inclusion flags: lists or numpy arrays (everything goes through np.asarray).
+Scores: TypeAlias = "Sequence[float] | np.ndarray"
+Flags: TypeAlias = "Sequence[bool] | np.ndarray"
 
 
 def _check_p(p: float) -> float:
@@ -89,7 +93,7 @@ def epsilon_from_guesses(*, m: int, r: int, v: int, delta: float, p: float = DEF
     return lo
 
 
-def _as_arrays(scores: Sequence[float], included: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+def _as_arrays(scores: Scores, included: Flags) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, np.float64).ravel()
     b = np.asarray(included).ravel().astype(bool)
     if s.shape != b.shape or s.size == 0:
@@ -105,9 +109,9 @@ def default_k_grid(m: int) -> list[int]:
 
 
 def one_run_epsilon(
-    scores: Sequence[float], included: Sequence[bool], *, delta: float, p: float = DEFAULT_P,
+    scores: Scores, included: Flags, *, delta: float, p: float = DEFAULT_P,
     k_grid: Sequence[int] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """ε_lb from canary scores: best of the k-grid, Bonferroni-corrected (confidence 1 − p).
 
     For each k (capped at m/2): guess "included" for the k highest scores and
@@ -121,7 +125,7 @@ def one_run_epsilon(
         raise ValueError(f"k_grid must hold integers >= 1, got {k_grid!r}")
     p_each = _check_p(p) / len(grid)
     order = np.argsort(-s, kind="stable")  # highest first
-    best: dict | None = None
+    best: dict[str, Any] | None = None
     for k in grid:
         k = max(1, min(k, m // 2))
         top, bottom = order[:k], order[m - k:] if m >= 2 else order[:0]
@@ -130,7 +134,8 @@ def one_run_epsilon(
         eps = epsilon_from_guesses(m=m, r=r, v=v, delta=delta, p=p_each)
         if best is None or eps > best["epsilon_lb"]:  # ties keep the smallest k
             best = {"epsilon_lb": eps, "k": k, "r": r, "v": v}
-    return {**best, "m": m, "delta": float(delta), "confidence": 1.0 - float(p), "k_grid": grid}
+    # grid is non-empty (checked above), so the loop has set best.
+    return {**cast("dict[str, Any]", best), "m": m, "delta": float(delta), "confidence": 1.0 - float(p), "k_grid": grid}
 
 
 def perfect_epsilon(*, r: int, p: float = DEFAULT_P) -> float:
@@ -152,7 +157,7 @@ def clopper_pearson(successes: int, trials: int, *, p: float = DEFAULT_P) -> tup
     return lo, hi
 
 
-def auroc(scores: Sequence[float], included: Sequence[bool]) -> float:
+def auroc(scores: Scores, included: Flags) -> float:
     """P[score of an included canary > score of an excluded one] (+½ per tie): U / (n₁ n₀)."""
     s, b = _as_arrays(scores, included)
     if b.all() or not b.any():
@@ -162,7 +167,7 @@ def auroc(scores: Sequence[float], included: Sequence[bool]) -> float:
     return float((ranks[b].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def tpr_at_fpr(scores: Sequence[float], included: Sequence[bool], *, fpr: float = 0.01) -> float:
+def tpr_at_fpr(scores: Scores, included: Flags, *, fpr: float = 0.01) -> float:
     """Largest TPR of a threshold test "score > t" whose empirical FPR is ≤ ``fpr``."""
     s, b = _as_arrays(scores, included)
     if b.all() or not b.any():
@@ -174,7 +179,7 @@ def tpr_at_fpr(scores: Sequence[float], included: Sequence[bool], *, fpr: float 
     return float(np.mean(s[b] > t))
 
 
-def exposure(scores: Sequence[float], reference: Sequence[float]) -> np.ndarray:
+def exposure(scores: Scores, reference: Scores) -> np.ndarray:
     """Carlini exposure of each score against reference (never-trained) scores, in bits.
 
     rank = 1 + #{reference ≥ score}; exposure = log₂(|R| + 1) − log₂ rank ∈ [0, log₂(|R| + 1)].
@@ -184,11 +189,11 @@ def exposure(scores: Sequence[float], reference: Sequence[float]) -> np.ndarray:
     if ref.size == 0:
         raise ValueError("exposure needs at least one reference score")
     at_or_above = ref.size - np.searchsorted(ref, s, side="left")
-    return np.log2(ref.size + 1) - np.log2(1 + at_or_above)
+    return cast(np.ndarray, np.log2(ref.size + 1) - np.log2(1 + at_or_above))  # ufuncs are typed Any
 
 
-def summarize(scores: Sequence[float], included: Sequence[bool], *, delta: float, p: float = DEFAULT_P,
-              fpr: float = 0.01) -> dict:
+def summarize(scores: Scores, included: Flags, *, delta: float, p: float = DEFAULT_P,
+              fpr: float = 0.01) -> dict[str, Any]:
     """Every statistic of this module for one set of canary scores, JSON-ready."""
     s, b = _as_arrays(scores, included)
     out = one_run_epsilon(s, b, delta=delta, p=p)

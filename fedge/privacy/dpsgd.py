@@ -33,6 +33,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,14 +76,14 @@ def calibrate_noise(
                                         delta=delta, accountant=accountant)
 
 
-def history_to_config(history: Iterable[Sequence[float]]) -> dict[str, list]:
+def history_to_config(history: Iterable[Sequence[float]]) -> dict[str, list[float] | list[int]]:
     """History -> three parallel lists, storable as a Flower ``ConfigRecord``."""
     h = accounting._check_history(history)
     return {HISTORY_NOISE: [float(z) for z, _, _ in h], HISTORY_RATE: [float(q) for _, q, _ in h],
             HISTORY_STEPS: [int(s) for _, _, s in h]}
 
 
-def history_from_config(record: Mapping | None) -> accounting.History:
+def history_from_config(record: Mapping[str, Any] | None) -> accounting.History:
     """Inverse of :func:`history_to_config`; None or an empty record -> []."""
     if not record or HISTORY_NOISE not in record:
         return []
@@ -111,7 +112,7 @@ def check_budget(
 
 def dp_sgd_steps(
     model: torch.nn.Module,
-    examples: Sequence[dict],
+    examples: Sequence[dict[str, Any]],
     batches: Sequence[np.ndarray],
     *,
     task: str,
@@ -150,7 +151,8 @@ def dp_sgd_steps(
         for j, chunk in enumerate(chunks):
             batch = collate([examples[i] for i in chunk], task=task, pad_id=pad_id)
             losses = per_example_loss(model, batch, task=task)
-            losses.mean().backward()  # hooks rescale by the chunk size: grad_sample = ∇ℓ_i
+            # Hooks rescale by the chunk size: grad_sample = ∇ℓ_i. (torch leaves backward untyped.)
+            losses.mean().backward()  # type: ignore[no-untyped-call]
             loss_sum, loss_n = loss_sum + float(losses.detach().sum()), loss_n + len(chunk)
             if j < len(chunks) - 1:  # clip and accumulate this chunk, no noise yet
                 dp_opt.signal_skip_step(do_skip=True)
@@ -177,7 +179,7 @@ def dp_sgd_steps(
 
 def train_local_dp(
     model: torch.nn.Module,
-    examples: Sequence[dict],
+    examples: Sequence[dict[str, Any]],
     *,
     task: str,
     pad_id: int,

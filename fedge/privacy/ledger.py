@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from itertools import groupby
+from typing import Any
 
 from fedge.privacy import accounting
 
@@ -70,13 +71,13 @@ class BudgetExceeded(RuntimeError):
 class PrivacyLedger:
     """Append-only list of privacy events; ε is always recomputed from them."""
 
-    def __init__(self, events: tuple = ()) -> None:
-        self._events: list = []
+    def __init__(self, events: tuple[RoundReleased | ClientDPSGD, ...] = ()) -> None:
+        self._events: list[RoundReleased | ClientDPSGD] = []
         for e in events:
             self.record(e)
 
     @property
-    def events(self) -> tuple:
+    def events(self) -> tuple[RoundReleased | ClientDPSGD, ...]:
         return tuple(self._events)
 
     def record(self, event: RoundReleased | ClientDPSGD) -> None:
@@ -146,9 +147,9 @@ class PrivacyLedger:
                                                delta=delta, accountant=accountant)
 
     def report(self, *, user_delta: float | None = None, record_delta: float | None = None,
-               accountant: str = "rdp") -> dict:
+               accountant: str = "rdp") -> dict[str, Any]:
         """JSON-ready summary: per-round and final user-level ε, per-client record-level ε."""
-        out: dict = {"released_rounds": [e.round for e in self.releases()]}
+        out: dict[str, Any] = {"released_rounds": [e.round for e in self.releases()]}
         if user_delta is not None and self.releases():
             curve = self.user_level_curve(delta=user_delta, accountant=accountant)
             out["user_level"] = {"delta": user_delta, "per_round": [{"round": r, "epsilon": e} for r, e in curve],

@@ -124,11 +124,11 @@ def delta_noise_multiplier(*, noise_multiplier: float, count_noise_std: float) -
             f"needs count_noise_std > noise_multiplier/2 = {z / 2:g} (Andrew et al. suggest "
             "clients_per_round/20; larger values cost less privacy but track the quantile more slowly)"
         )
-    return rest ** -0.5
+    return float(rest ** -0.5)  # float ** negative exponent is typed Any
 
 
 def noised_unclipped_fraction(
-    unclipped: Sequence[float], *, count_noise_std: float, rng: np.random.Generator, expected_count: int
+    unclipped: Sequence[float] | np.ndarray, *, count_noise_std: float, rng: np.random.Generator, expected_count: int
 ) -> float:
     """b̄ = (Σ b_i + N(0, σ_b²)) / m for bits b_i ∈ {0, 1} (values ≥ ½ count as 1)."""
     sb = positive("count_noise_std", count_noise_std)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fedge.privacy import accounting
 
@@ -54,7 +55,7 @@ class Plan:
     nsr_step: float | None  # σ √d / (B √m)  (None without d)
     nsr_run: float  # σ / √(m·B·E·n), times √d when d is known
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
