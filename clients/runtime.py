@@ -92,6 +92,7 @@ def get_runtime(cfg: fcfg.RunConfig) -> ClientRuntime:
     if key not in _RUNTIMES:
         torch.set_num_threads(int(os.environ.get("FEDGE_TORCH_THREADS", cfg.simulation.torch_threads)))
         base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
+                                pooling=cfg.model.pooling,
                                 cache_dir=Path(cfg.model.cache_dir) if cfg.model.cache_dir else None, seed=cfg.seed)
         _RUNTIMES.clear()  # one scenario per process: free the previous model
         _RUNTIMES[key] = ClientRuntime(base=base, task=cfg.model.task, max_length=cfg.model.max_length,

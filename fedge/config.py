@@ -44,6 +44,10 @@ class ModelSection(_Section):
         None, ge=2, description="Classes for sequence-classification (default: from data)."
     )
     max_length: int = Field(96, ge=8, le=4096, description="Tokens per example (truncated).")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="sequence-classification: what the head reads: 'cls' (the model's own pooler) or "
+        "'mean' (masked mean of the last hidden states: how sentence-embedding encoders such as MiniLM were "
+        "trained; its features vary ~4x more across inputs, which DP-SGD needs). BERT-style encoders only.")
     cache_dir: str | None = Field(
         None, description="Where converted base models are cached (default ~/.cache/fedge)."
     )
@@ -311,6 +315,11 @@ class RunConfig(_Section):
                                  f"without DP set {name}.enabled: false)")
             if sec.target_epsilon is not None and not sec.target_epsilon > 0:
                 raise ValueError(f"{name}.target_epsilon must be > 0")
+        if self.model.pooling == "mean" and self.model.task != "sequence-classification":
+            raise ValueError("model.pooling 'mean' is for model.task sequence-classification")
+        if self.model.pooling == "mean" and self.export.enabled:
+            raise ValueError("model.pooling 'mean' changes the classifier's architecture, which artifacts do not "
+                             "carry yet: set export.enabled: false (the run keeps its adapter/)")
         if self.strategy.name == "fedex-lora" and self.export.enabled:
             raise ValueError("strategy fedex-lora serves W0 + s·(B A + R): its residual R is not part of a "
                              "LoRA adapter artifact yet; set export.enabled: false (the run keeps "

@@ -182,6 +182,47 @@ def cached_base_hash(model: torch.nn.Module, where: Path | str, task: str, cache
     return value
 
 
+class MaskedMeanPooler(torch.nn.Module):
+    """Stands in for BERT's CLS pooler: h̄ = Σ_t m_t h_t / Σ_t m_t over the last hidden states.
+
+    Shapes: hidden (B, T, H), mask (B, T) -> (B, H). Parameter-free, and each output row
+    depends on its own example only (so Opacus' per-example gradients stay per example).
+    The mask of the current call is captured by a pre-hook on the encoder, because HF's
+    pooler is called with the hidden states alone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden_states.mean(dim=1)
+        m = self.mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: torch.nn.Module) -> None:
+    """Classify from the masked mean of the encoder's last hidden states instead of its CLS pooler.
+
+    Why: sentence-embedding encoders such as all-MiniLM-L6-v2 were trained for mean pooling;
+    their CLS pooler output varies ~4x less across inputs (benchmarks/results/pooling_probe.md),
+    so under DP-SGD the head's discriminative gradient drowns in noise of fixed scale σC/B.
+    BERT-style encoders only (an encoder with a ``pooler``)."""
+    enc = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if enc is None or not hasattr(enc, "pooler"):
+        raise ModelLoadError(f"model.pooling 'mean' needs a BERT-style encoder with a pooler; "
+                             f"{type(model).__name__} has none (use model.pooling: cls)")
+    pooler = MaskedMeanPooler()
+    enc.pooler = pooler
+
+    def capture(_module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        pooler.mask = mask
+
+    enc.register_forward_pre_hook(capture, with_kwargs=True)
+
+
 def load_base(
     source: str,
     *,
@@ -189,8 +230,13 @@ def load_base(
     num_labels: int | None = None,
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    pooling: str = "cls",
 ) -> Base:
-    """Load a frozen fp32 base model + tokenizer and compute its hash."""
+    """Load a frozen fp32 base model + tokenizer and compute its hash.
+
+    ``pooling="mean"`` (sequence classification): the head reads the masked mean of the last
+    hidden states (:func:`use_mean_pooling`); the base hash then covers the model without the
+    CLS pooler, so server and clients must agree on it (they read the same scenario)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(source, Path(cache_dir) if cache_dir else None)
@@ -220,10 +266,17 @@ def load_base(
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    if pooling not in ("cls", "mean"):
+        raise ModelLoadError(f"unknown pooling {pooling!r}; allowed: ['cls', 'mean']")
+    if pooling == "mean":
+        if task != "sequence-classification":
+            raise ModelLoadError("model.pooling 'mean' is for task sequence-classification")
+        use_mean_pooling(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Base(model=model, tokenizer=tok, hash=cached_base_hash(model, where, task), source=source, task=task)
+    key = task if pooling == "cls" else f"{task}+mean-pooling"  # another parameter set, another hash
+    return Base(model=model, tokenizer=tok, hash=cached_base_hash(model, where, key), source=source, task=task)
 
 
 def add_lora(

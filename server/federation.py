@@ -129,6 +129,7 @@ class Evaluator:
     def __init__(self, cfg: fcfg.RunConfig):
         self.task = cfg.model.task
         self.base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
+                                     pooling=cfg.model.pooling,
                                      cache_dir=cfg.model.cache_dir, seed=cfg.seed)
         self.base_parameters = sum(p.numel() for p in self.base.model.parameters())
         lo = cfg.lora

