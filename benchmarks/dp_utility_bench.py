@@ -146,6 +146,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def variant(row: dict) -> str:
+    """The row's overrides beyond the level's own, the seed and the ε (e.g. 'model.pooling=mean')."""
+    own = set(SETTINGS[row["level"]][1])
+    return ";".join(o for o in row["overrides"].split(";")
+                    if o and o not in own and not o.startswith("seed=") and "target_epsilon=" not in o)
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
@@ -158,21 +165,22 @@ def cmd_report(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_csv() if not args.only_default or r["overrides"].count("=") <= 8]
-    groups: dict[tuple[str, str], list[dict]] = {}
+    rows = read_csv()
+    groups: dict[tuple[str, str, str], list[dict]] = {}  # (level, ε, variant) -> seeds
     for r in rows:
-        groups.setdefault((r["level"], r["epsilon"]), []).append(r)
-    base = groups.get(("none", ""), [])
+        groups.setdefault((r["level"], r["epsilon"], variant(r)), []).append(r)
+    base = groups.get(("none", "", ""), [])
     base_acc = _mean_std([float(r["accuracy"]) for r in base])[0] if base else None
     lines = ["# Privacy–utility curve: Reuters R8 (MiniLM-L6 + LoRA, official test split)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Each row is a whole "
              "`fedge simulate` run; accuracy is the final round's central accuracy on the 2,189 test documents; "
              "ε spent comes from the run's privacy ledger (record level: the largest over clients). "
              "Raw rows: `dp_utility.csv`. Produced by `benchmarks/dp_utility_bench.py`.", "",
-             "| level | target ε | seeds | accuracy (mean ± sd) | Δ vs federated non-DP | best round acc | "
-             "plateau round | ε spent | σ | s/run |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| level | target ε | variant | seeds | accuracy (mean ± sd) | Δ vs federated non-DP | best round acc | "
+             "plateau round | ε spent | σ | s/run |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     order = {"central": 0, "none": 1, "record": 2, "user": 3}
-    for (level, eps), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], float(kv[0][1] or 0))):
+    for (level, eps, var), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], float(kv[0][1] or 0),
+                                                                        kv[0][2])):
         m, s = _mean_std([float(r["accuracy"]) for r in rs])
         best = _mean_std([float(r["best_accuracy"]) for r in rs])[0]
         gap = "—" if base_acc is None or level == "none" else f"{100 * (m - base_acc):+.1f} pts"
@@ -180,20 +188,22 @@ def cmd_report(args) -> int:
         z = ", ".join(sorted({r["noise_multiplier"] for r in rs if r["noise_multiplier"]})) or "—"
         pl = ", ".join(r["plateau_round"] + "/" + r["rounds"] for r in rs)
         secs = _mean_std([float(r["seconds"]) for r in rs])[0]
-        lines.append(f"| {level} | {eps or '—'} | {len(rs)} | {m:.4f} ± {s:.4f} | {gap} | {best:.4f} | {pl} | "
+        lines.append(f"| {level} | {eps or '—'} | {var or 'scenario default'} | {len(rs)} | {m:.4f} ± {s:.4f} | "
+                     f"{gap} | {best:.4f} | {pl} | "
                      f"{spent} | {z} | {secs:.0f} |")
     (RESULTS / "dp_utility.md").write_text("\n".join(lines) + "\n" + args.notes_text())
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for level, color in (("record", "tab:blue"), ("user", "tab:orange")):
-        pts = sorted((float(e), [float(r["accuracy"]) for r in rs]) for (lv, e), rs in groups.items() if lv == level)
-        if pts:
-            xs = [p[0] for p in pts]
-            ms = [_mean_std(p[1]) for p in pts]
-            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, color=color,
-                        label=f"{level}-level DP")
+    series = sorted({(lv, var) for lv, _, var in groups if lv in ("record", "user")})
+    for lv, var in series:
+        pts = sorted((float(e), [float(r["accuracy"]) for r in rs]) for (lv2, e, v), rs in groups.items()
+                     if (lv2, v) == (lv, var))
+        xs = [p[0] for p in pts]
+        ms = [_mean_std(p[1]) for p in pts]
+        ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
+                    label=f"{lv}-level DP" + (f" ({var})" if var else ""))
     for level, style in (("none", "--"), ("central", ":")):
-        rs = groups.get((level, ""), [])
+        rs = groups.get((level, "", ""), [])
         if rs:
             m, s = _mean_std([float(r["accuracy"]) for r in rs])
             ax.axhline(m, linestyle=style, color="k", label=f"{'federated' if level == 'none' else 'centralized'} "
@@ -221,7 +231,6 @@ def main() -> int:
     rep = sub.add_parser("report")
     rep.add_argument("--notes", default=str(RESULTS / "dp_utility.notes.md"),
                      help="markdown appended under the table (findings, what was cut)")
-    rep.add_argument("--only-default", action="store_true", help="leave out rows with extra overrides (sweeps)")
     rep.set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.notes_text = lambda: Path(args.notes).read_text() if Path(args.notes).exists() else ""
