@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -540,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    # SIGTERM (systemd, `kill`, a test stopping us) unwinds like Ctrl-C, so the `finally` blocks that stop
+    # the SuperNode / SuperLink / proxy we started (each in its own session) run instead of orphaning them.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.fn(args)
     except fcfg.ConfigError as err:
@@ -557,6 +563,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedge: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

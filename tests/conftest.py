@@ -78,8 +78,11 @@ def flower_identity():
 # Every process started during the session inherits this tag in its environment (Ray
 # workers, SuperLinks, SuperNodes, their workers and SuperExecs included, even when
 # orphaned). At the end, any tagged process still alive fails the run and is stopped.
-_SESSION_TAG = f"{os.getpid()}-{os.urandom(4).hex()}"
-os.environ["FEDGE_TEST_SESSION"] = _SESSION_TAG
+# (This module may be imported twice, as `conftest` and as `tests.conftest`: keep one tag per process.)
+_SESSION_TAG = os.environ.get("FEDGE_TEST_SESSION", "")
+if not _SESSION_TAG.startswith(f"{os.getpid()}-"):
+    _SESSION_TAG = f"{os.getpid()}-{os.urandom(4).hex()}"
+    os.environ["FEDGE_TEST_SESSION"] = _SESSION_TAG
 
 
 def _leftover_processes() -> list:
