@@ -131,7 +131,8 @@ def _reuters(name: str, split: str, names: list[str] | None = None):
     import datasets
 
     rows = reuters_rows(name, split)
-    names = names or sorted({r["topic"] for r in reuters_rows(name, "train")})
+    train = rows if split == "train" else None  # read the training file once when that is the split asked for
+    names = names or sorted({r["topic"] for r in (train or reuters_rows(name, "train"))})
     index = {t: i for i, t in enumerate(names)}
     unknown = sorted({r["topic"] for r in rows} - set(index))
     if unknown:
