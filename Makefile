@@ -21,9 +21,13 @@ $(VENV)/.fedge-installed: pyproject.toml Makefile
 
 # Optional: llama.cpp for GGUF inference on devices and the K-quant export formats
 # (a source build: ~10-15 min on 2 cores; the tests that need it skip without it).
+# Portable build (GGML_NATIVE=OFF: AVX2/FMA/F16C, no AVX-512/AMX): a native build on an
+# AMX host emits tile instructions that die with SIGILL where the kernel or sandbox does
+# not grant AMX, and pip's wheel cache (keyed by the sdist, not CMAKE_ARGS) would hand
+# such a wheel to the next machine, hence --no-cache-dir. The multimodal library is not built.
 install-llamacpp: install
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
-	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[llamacpp]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet --no-cache-dir -e ".[llamacpp]"
 
 simulate: install
 	$(BIN)/fedge simulate
