@@ -107,6 +107,10 @@ class TrainSection(_Section):
     local_steps: int = Field(6, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(4, ge=1, description="Examples per local step.")
     lr: float = Field(1e-3, gt=0, lt=1, description="Local AdamW learning rate.")
+    head_lr: float | None = Field(
+        None, gt=0, lt=1, description="sequence-classification: learning rate of the classifier head (default "
+        "train.lr). A head trained from scratch on frozen features needs larger steps than the adapter; under "
+        "DP-SGD a too-small head step is what keeps accuracy low (benchmarks/results/dp_utility.md).")
     weight_decay: float = Field(0.0, ge=0, description="Local AdamW weight decay.")
     eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch.")
 
@@ -317,6 +321,8 @@ class RunConfig(_Section):
                 raise ValueError(f"{name}.target_epsilon must be > 0")
         if self.model.pooling == "mean" and self.model.task != "sequence-classification":
             raise ValueError("model.pooling 'mean' is for model.task sequence-classification")
+        if self.train.head_lr is not None and self.model.task != "sequence-classification":
+            raise ValueError("train.head_lr is for model.task sequence-classification (the classifier head)")
         if self.model.pooling == "mean" and self.export.enabled:
             raise ValueError("model.pooling 'mean' changes the classifier's architecture, which artifacts do not "
                              "carry yet: set export.enabled: false (the run keeps its adapter/)")

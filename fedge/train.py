@@ -50,6 +50,24 @@ def batch_indices(n: int, *, steps: int, batch_size: int, seed: int) -> list[np.
     return out
 
 
+def is_head(name: str) -> bool:
+    """A trainable parameter of the task head: peft keeps its trainable copy under ``modules_to_save``."""
+    return ".modules_to_save." in name
+
+
+def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float | None = None) -> list[dict]:
+    """Optimizer groups of the trainable parameters: the adapter at ``lr``, the head at ``head_lr``.
+
+    One group when ``head_lr`` is None (the head trains at ``lr`` too)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    head = [p for n, p in named if is_head(n)]
+    if not head:
+        raise ValueError("train.head_lr: the model has no trainable head (modules_to_save)")
+    return [{"params": [p for n, p in named if not is_head(n)], "lr": lr}, {"params": head, "lr": head_lr}]
+
+
 def train_local(
     model,
     examples: list[dict],
@@ -59,6 +77,7 @@ def train_local(
     steps: int,
     batch_size: int,
     lr: float,
+    head_lr: float | None = None,
     weight_decay: float = 0.0,
     seed: int = 0,
     proximal_mu: float = 0.0,
@@ -72,7 +91,7 @@ def train_local(
         raise ValueError("no local training examples")
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), weight_decay=weight_decay)
     torch.manual_seed(seed)
     model.train()
     losses, t0 = [], time.perf_counter()

@@ -75,3 +75,41 @@ def test_pooling_config_refusals():
     with pytest.raises(fcfg.ConfigError, match="sequence-classification"):
         fcfg.load("default", ["model.pooling=mean", "export.enabled=false"])
     assert fcfg.load("default", [*base, "export.enabled=false"]).model.pooling == "mean"
+
+
+def test_head_lr_scales_only_the_head_step_under_dp_sgd(bert_dir, torch_one_thread):
+    # Prepare: the same DP-SGD step (same seed: same batch, same noise) with and without a head learning rate
+    rng = np.random.default_rng(1)
+    ex = [{"input_ids": [101, *rng.integers(1000, 2000, size=int(rng.integers(3, 9))).tolist(), 102],
+           "label": int(rng.integers(3))} for _ in range(24)]
+
+    def one_step(head_lr):
+        base = models.load_base(str(bert_dir), task="sequence-classification", num_labels=3, pooling="mean")
+        peft = models.add_lora(base.model, task="sequence-classification", r=2, alpha=4, dropout=0.0,
+                               target_modules=["query", "value"])
+        before = models.get_adapter_state(peft)
+        dpsgd.train_local_dp(peft, ex, task="sequence-classification", pad_id=0, steps=1, sample_rate=0.5,
+                             lr=1e-3, head_lr=head_lr, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, seed=0)
+        return {k: v - before[k] for k, v in models.get_adapter_state(peft).items()}
+
+    # Execute
+    plain, fast = one_step(None), one_step(1e-2)
+    # Assert: Adam's first step is -lr·g/(|g|+eps), so the head moves exactly 10x further and the adapter
+    # not at all differently (the noise is added before the optimizer: head_lr is post-processing)
+    heads = [k for k in plain if "classifier" in k]
+    assert heads and len(heads) < len(plain)
+    for k in plain:
+        if k in heads:
+            np.testing.assert_allclose(fast[k], 10 * plain[k], rtol=1e-4, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(fast[k], plain[k])
+
+
+def test_head_lr_needs_a_head():
+    from fedge.train import param_groups
+
+    with pytest.raises(fcfg.ConfigError, match="train.head_lr"):
+        fcfg.load("default", ["train.head_lr=0.01"])
+    with pytest.raises(ValueError, match="no trainable head"):
+        param_groups(torch.nn.Linear(2, 2), lr=1e-3, head_lr=1e-2)
+    assert len(param_groups(torch.nn.Linear(2, 2), lr=1e-3)) == 1

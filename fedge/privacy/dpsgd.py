@@ -189,6 +189,7 @@ def train_local_dp(
     noise_multiplier: float,
     max_grad_norm: float,
     delta: float,
+    head_lr: float | None = None,
     history: Iterable[Sequence[float]] = (),
     max_epsilon: float | None = None,
     accountant: str = "rdp",
@@ -223,8 +224,10 @@ def train_local_dp(
     entropy = secrets.randbits(63) if seed is None else int(seed)
     rng = np.random.default_rng(entropy)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    from fedge.train import param_groups
+
+    # Separate head step (post-processing: the noise is added before the optimizer).
+    opt = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), weight_decay=weight_decay)
     batches = poisson_batches(n, sample_rate=q, steps=steps, rng=rng)
     t0 = time.perf_counter()
     out = dp_sgd_steps(model, examples, batches, task=task, pad_id=pad_id, optimizer=opt, noise_multiplier=z,
