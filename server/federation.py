@@ -109,9 +109,9 @@ def _require_secure_rule(inner: strategies.DeltaStrategy, name: str) -> None:
 def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
     """Everything a client needs to train one round (the server is the authority)."""
     t, lo, dp = cfg.train, cfg.lora, cfg.privacy.dp_sgd
-    extra = {}
+    extra: dict = {P.CFG_HEAD_LR: t.head_lr} if t.head_lr is not None else {}
     if dp.enabled:
-        extra = {P.CFG_DPSGD_NOISE: dp.noise_multiplier or 0.0, P.CFG_DPSGD_TARGET_EPS: dp.target_epsilon or 0.0,
+        extra |= {P.CFG_DPSGD_NOISE: dp.noise_multiplier or 0.0, P.CFG_DPSGD_TARGET_EPS: dp.target_epsilon or 0.0,
                  P.CFG_DPSGD_MAX_GRAD_NORM: dp.max_grad_norm, P.CFG_DPSGD_DELTA: dp.delta,
                  P.CFG_DPSGD_ACCOUNTANT: dp.accountant, P.CFG_DPSGD_MAX_PHYSICAL_BATCH: dp.max_physical_batch or 0}
     return ConfigRecord({**extra, P.CFG_NUM_ROUNDS: cfg.federation.num_rounds,
@@ -280,6 +280,22 @@ def run_federation(
     (refused if the checkpoint was made with another config, unless ``force``).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg, run_dir)  # TensorBoard / MLflow when tracking.* asks for them
+    try:
+        summary = _run_rounds(grid, cfg, run_dir, tracker, on_round=on_round, resume=resume, force=force)
+    except BaseException:
+        tracker.close(failed=True)  # a tracker never shows a crashed run as still RUNNING
+        raise
+    finally:
+        progress.write_to(None)
+        progress.withhold_counts(False)
+    tracker.close()
+    return summary
+
+
+def _run_rounds(grid: Grid, cfg: fcfg.RunConfig, run_dir: Path, tracker: Tracker, *,
+                on_round: Callable[[dict], None] | None, resume: bool, force: bool) -> dict:
+    """The body of :func:`run_federation` (which owns the tracker's lifetime)."""
     (run_dir / "config.yaml").write_text(fcfg.dump_yaml(cfg))
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # clients are idle while the server evaluates
     t_start = time.perf_counter()
@@ -290,7 +306,6 @@ def run_federation(
     train_cfg = round_config(cfg, base_hash=ev.base.hash)
     adapter = ev.initial_adapter()
     metrics_path = run_dir / "metrics.jsonl"
-    tracker = Tracker(cfg, run_dir)  # TensorBoard / MLflow when tracking.* asks for them
     progress.write_to(run_dir / "progress.json")  # replies so far, for `fedge server`'s live view
     progress.withhold_counts(cfg.privacy.user_level.enabled)  # the realized cohort size is not released
     fed = cfg.federation
@@ -450,7 +465,4 @@ def run_federation(
                            finetuned_answer=first["finetuned"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_run_report(run_dir, summary, history)  # report.md + plots/*.png
-    tracker.close()
-    progress.write_to(None)
-    progress.withhold_counts(False)
     return summary

@@ -90,3 +90,27 @@ def test_mlflow_missing_extra_is_a_clear_error(tmp_path, monkeypatch):
     cfg = fcfg.load("default", [f"run_root={tmp_path}", "tracking.mlflow=true"])
     with pytest.raises(fcfg.ConfigError, match=r"tracking.mlflow needs the optional extra"):
         Tracker(cfg, tmp_path / "run")
+
+
+def test_mlflow_run_of_a_crashed_federation_is_failed_not_running(tmp_path, tiny_llama_dir, torch_one_thread):
+    pytest.importorskip("mlflow", reason="tracking.mlflow is the optional 'mlflow' extra (pip install 'fedge[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    from server.federation import run_federation
+    from tests.conftest import tiny_scenario_overrides
+
+    # Prepare: a run that dies after its first metrics row (the round-0 evaluation)
+    cfg = fcfg.load("default", [*tiny_scenario_overrides(tiny_llama_dir), f"run_root={tmp_path}",
+                                "tracking.mlflow=true", "export.enabled=false"])
+
+    def crash(row):
+        raise RuntimeError("operator pressed ctrl-c")
+
+    # Execute
+    with pytest.raises(RuntimeError, match="ctrl-c"):
+        run_federation(None, cfg, tmp_path / "run", on_round=crash)
+    # Assert: the tracker closed the run as FAILED, with the round-0 metric it got
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "central_loss")] == [0]
