@@ -32,6 +32,7 @@ import time
 
 from flwr.app import Context, Message
 
+from fedge import flower_patches
 from fedge import protocol as P
 
 log = logging.getLogger("fedge.worker")
@@ -109,12 +110,11 @@ def worker_mod(msg: Message, context: Context, call_next) -> Message:
 
 def _handle(app, conn: socket.socket) -> None:
     from flwr.common.serde import context_to_proto, message_to_proto
-    from flwr.supercore.task_identity import TaskIdentity
 
     msg, ctx = _decode(_recv(conn), _recv(conn))
     ctx.node_config.pop(P.NODE_WORKER_SOCKET, None)  # handle it here, do not forward it again
     # Messages are created inside a task: this worker plays the task of the forwarding process.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, msg.metadata.run_id, ctx.node_id
+    flower_patches.play_task(msg.metadata.run_id, ctx.node_id)
     try:
         reply = app(msg, ctx)
     except Exception as err:  # noqa: BLE001 - reported to the ClientApp, which turns it into an error reply
@@ -128,6 +128,10 @@ def _handle(app, conn: socket.socket) -> None:
 
 def serve(path: str, *, parent_pid: int | None = None) -> None:
     """Serve ClientApp messages on the Unix socket ``path`` until the parent process exits."""
+    if not flower_patches.install_task_identity():
+        # Without a task identity replies cannot be built here; with no socket, each ClientApp
+        # process handles its message itself (worker_mod's fallback: slower, same replies).
+        return
     import clients.app
 
     app = clients.app.make_app()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedge import config as fcfg
+from fedge import flower_patches
 
 
 def backend_config(cfg: fcfg.RunConfig) -> dict:
@@ -119,48 +120,6 @@ def _mods(cfg: fcfg.RunConfig) -> list:
     return [make_fault_mod(rate=sim.fault_rate, kinds=tuple(sim.fault_kinds), seed=cfg.seed, hang_s=sim.fault_hang_s)]
 
 
-def _one_sweep_delivery(state, queue, nodes_mapping, f_stop) -> None:
-    """Drop-in for Flower 1.42's ``vce_api.add_messages_to_queue`` with one pass per sweep.
-
-    Flower's version asks the in-memory LinkState once per registered node, and each ask
-    scans every stored message: O(nodes x messages) every 0.1 s, which stalls a federation
-    of 10,000 virtual clients. This scans the store once per sweep and hands every
-    undelivered message addressed to a simulated node to the engine (same delivery rule:
-    expired and foreign messages are dropped by the state's own check; each message once).
-    Other LinkState kinds keep Flower's function.
-    """
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-    from flwr.supercore.date import now
-
-    if not isinstance(state, InMemoryLinkState):
-        return _FLOWER_ADD_MESSAGES(state, queue, nodes_mapping, f_stop)
-    while not f_stop.is_set():
-        batch = []
-        with state.lock:
-            state._check_stored_messages(set(state.message_ins_store))
-            stamp = now().isoformat()
-            for msg in list(state.message_ins_store.values()):
-                md = msg.metadata
-                if md.delivered_at == "" and md.dst_node_id in nodes_mapping:
-                    md.delivered_at = stamp
-                    batch.append(msg)
-        for msg in batch:
-            queue.put(msg)
-        f_stop.wait(0.1)
-
-
-_FLOWER_ADD_MESSAGES = None
-
-
-def _install_one_sweep_delivery() -> None:
-    global _FLOWER_ADD_MESSAGES
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    if _FLOWER_ADD_MESSAGES is None:
-        _FLOWER_ADD_MESSAGES = vce_api.add_messages_to_queue
-        vce_api.add_messages_to_queue = _one_sweep_delivery
-
-
 def pin_trusted_key(cfg: fcfg.RunConfig, state_root: Path) -> Path:
     """Enrol the virtual devices: pin the server's signing public key in their state root.
 
@@ -212,7 +171,8 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     result: dict = {}
-    _install_one_sweep_delivery()
+    # Flower's per-node delivery stalls with thousands of virtual clients (checked; see fedge/flower_patches.py)
+    flower_patches.install_one_sweep_delivery()
     run_simulation(
         server_app=server.app.make_app(str(config_file), run_dir, on_round, result, resume=resume, force=force),
         client_app=clients.app.make_app(str(config_file.resolve()), mods=_mods(cfg)),
