@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedge.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 PACKAGED = {
@@ -73,14 +75,6 @@ def _package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def packaged_smollm2_dir(cache_dir: Path | None = None) -> Path:
     """Convert the packaged GGUF to a safetensors HF directory once; return it.
 
@@ -89,7 +83,7 @@ def packaged_smollm2_dir(cache_dir: Path | None = None) -> Path:
     """
     module, fname = PACKAGED["smollm2-135m-instruct"]
     gguf_path = _package_dir(module) / fname
-    key = _sha256_file(gguf_path)[:16]
+    key = sha256_file(gguf_path)[:16]
     target = (cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").exists():
         return target

@@ -19,7 +19,6 @@ a truncated disk) is skipped and the previous one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from fedge.files import sha256_file
 
 log = logging.getLogger("fedge.checkpoint")
 KEEP = 3  # checkpoints kept (older ones are removed)
@@ -47,10 +48,6 @@ class Checkpoint:
     extra: dict
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 from fedge.runtime.store import _fsync_dir as _fsync  # noqa: E402 - one fsync helper for files and dirs
 
 
@@ -66,7 +63,7 @@ def save(run_dir: Path, *, round: int, adapter: dict, strategy_state: dict, conf
     save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
     save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(tmp / "strategy.safetensors"))
     state = {"round": round, "config_digest": config_digest, "extra": extra or {},
-             "sha256": {f: _sha(tmp / f) for f in ("adapter.safetensors", "strategy.safetensors")}}
+             "sha256": {f: sha256_file(tmp / f) for f in ("adapter.safetensors", "strategy.safetensors")}}
     (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
     for f in tmp.iterdir():
         os.chmod(f, 0o600)  # owner only, whatever the umask
@@ -87,7 +84,7 @@ def save(run_dir: Path, *, round: int, adapter: dict, strategy_state: dict, conf
 def _read(d: Path) -> Checkpoint:
     state = json.loads((d / "state.json").read_text())
     for f, digest in state["sha256"].items():
-        if _sha(d / f) != digest:
+        if sha256_file(d / f) != digest:
             raise CheckpointError(f"{d / f}: content does not match its recorded sha256")
     return Checkpoint(round=int(state["round"]), adapter=load_file(str(d / "adapter.safetensors")),
                       strategy_state=load_file(str(d / "strategy.safetensors")),

@@ -49,9 +49,10 @@ import numpy as np
 
 from fedge.export import llamacpp
 from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
-from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, sha256_file, write_manifest
+from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
 from fedge.export.signing import fingerprint, load_private_key, sign_manifest
+from fedge.files import is_safe_relpath, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +306,9 @@ def arrays_to_artifact(arrays: Mapping[str, np.ndarray], dest_dir: str | Path) -
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for rel, arr in arrays.items():
-        parts = rel.split("/")
-        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        if not is_safe_relpath(rel):
             raise ArtifactBuildError(f"unsafe path in received artifact: {rel!r}")
-        target = dest.joinpath(*parts)
+        target = dest.joinpath(*rel.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(np.asarray(arr, dtype=np.uint8).tobytes())
     return dest

@@ -33,7 +33,6 @@ Fields (``format_version`` 1)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -41,6 +40,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from fedge.files import is_safe_relpath, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,14 +80,6 @@ class PrivacySpent:
 def canonical_bytes(manifest: Mapping[str, Any]) -> bytes:
     """The signed form: sorted keys, no whitespace, ASCII, no NaN/Infinity."""
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def payload_files(artifact_dir: str | Path) -> list[str]:
@@ -201,8 +194,7 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     if manifest["mode"] not in MODES:
         raise ManifestError(f"manifest mode {manifest['mode']!r} is not one of {list(MODES)}")
     for rel, entry in manifest["files"].items():
-        parts = rel.split("/")
-        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        if not is_safe_relpath(rel):
             raise ManifestError(f"manifest lists an unsafe path {rel!r}")
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("size"), int)):

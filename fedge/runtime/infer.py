@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from fedge.export.manifest import ManifestError, read_manifest, sha256_file
+from fedge.export.manifest import ManifestError, read_manifest
+from fedge.files import sha256_file
 from fedge.runtime.store import VERSIONS, ArtifactRefused, current, current_dir, installed_versions
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedge.export.manifest import MANIFEST, SIGNATURE, ManifestError, sha256_file
+from fedge.export.manifest import MANIFEST, SIGNATURE, ManifestError
 from fedge.export.signing import (
     MAX_MANIFEST_BYTES,
     SIGNATURE_BYTES,
@@ -57,6 +57,7 @@ from fedge.export.signing import (
     verify_manifest,
     verify_manifest_bytes,
 )
+from fedge.files import sha256_file
 
 ALLOWED_SUFFIXES = (".json", ".sig", ".safetensors", ".gguf", ".onnx", ".txt", ".jinja", ".model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".dill", ".h5")

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from fedge.export.artifact import build_artifact
-from fedge.export.manifest import MANIFEST, SIGNATURE, read_manifest, sha256_file, write_manifest
+from fedge.export.manifest import MANIFEST, SIGNATURE, read_manifest, write_manifest
 from fedge.export.signing import sign_manifest
+from fedge.files import sha256_file
 from fedge.runtime.infer import load_installed
 from fedge.runtime.store import ArtifactRefused, current, install, installed_versions
 

@@ -24,10 +24,10 @@ from fedge.export.manifest import (
     PrivacySpent,
     canonical_bytes,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
 from fedge.export.signing import SignatureError, fingerprint, load_public_key, verify_manifest
+from fedge.files import sha256_file
 from fedge.models import load_base
 from fedge.runtime.infer import load_installed
 from fedge.runtime.store import ArtifactRefused, StoreError, current, install, installed_versions, rollback
