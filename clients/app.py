@@ -98,16 +98,10 @@ DP_HISTORY = "dp-sgd-history"  # key in the node's Context state: the accountant
 STATE_DIR_ENV = "FEDGE_CLIENT_STATE"  # directory for state that must survive restarts
 
 
-def client_name(context: Context) -> str:
-    """Stable name: the operator's device-id, else ``partition-<id>`` (simulation)."""
-    nc = context.node_config
-    return str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc.get(P.NODE_PARTITION_ID, 0)):06d}"
-
-
 def _state_dir(context: Context) -> Path | None:
     """This client's persistent state directory (node config, or the simulation runner's env)."""
     root = context.node_config.get(P.NODE_STATE_DIR) or os.environ.get(STATE_DIR_ENV)
-    return Path(str(root)) / client_name(context) if root else None
+    return Path(str(root)) / P.client_name(context.node_config) if root else None
 
 
 PINNED_KEY_FILE = "trusted-key.pub"  # in the state root: the simulation runner's enrolment of its virtual devices
@@ -131,7 +125,7 @@ def pinned_key(context: Context) -> str | None:
 
 def _store_dir(context: Context) -> Path:
     """This device's model store (deployed artifacts)."""
-    return (_state_dir(context) or Path.home() / ".fedge" / client_name(context)) / "models"
+    return (_state_dir(context) or Path.home() / ".fedge" / P.client_name(context.node_config)) / "models"
 
 
 def _history_file(context: Context) -> Path | None:
@@ -238,7 +232,8 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
         rnd = int(conf[P.CFG_ROUND])
         entropy = [int(conf[P.CFG_SEED]), rnd, pid]
         if _data_path(context):  # devices with their own files all have partition-id 0: add their name
-            entropy.append(int.from_bytes(hashlib.sha256(client_name(context).encode()).digest()[:4], "little"))
+            name = P.client_name(context.node_config).encode()
+            entropy.append(int.from_bytes(hashlib.sha256(name).digest()[:4], "little"))
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex), P.M_LOCAL_STEPS: int(conf[P.CFG_LOCAL_STEPS])})
         with lora_fed.client_round(peft, conf, context, msg.content) as hooks:  # LoRA-aware algorithms' client side
@@ -289,7 +284,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
     # them in Context.state (one run).
     def key_dir(context: Context) -> Path | None:
         root = context.node_config.get(P.NODE_STATE_DIR)
-        return Path(str(root)) / client_name(context) if root else None
+        return Path(str(root)) / P.client_name(context.node_config) if root else None
 
     @app.query("secagg_setup")
     def secagg_setup(msg: Message, context: Context) -> Message:
@@ -355,7 +350,7 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
             installed = current(_store_dir(context)) or 0
         except (OSError, ValueError):
             installed = 0
-        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: client_name(context),
+        return Message(RecordDict({P.IDENTITY: ConfigRecord({P.ID_CLIENT: P.client_name(context.node_config),
                                                              P.ID_INSTALLED: int(installed)})}), reply_to=msg)
 
     return app

@@ -258,9 +258,7 @@ def _ci_file(context) -> Path | None:
     root = nc.get("state-dir") or os.environ.get(STATE_DIR_ENV)
     if not root:
         return None
-    # Same client name as clients/app.py::client_name.
-    name = str(nc[P.NODE_DEVICE_ID]) if P.NODE_DEVICE_ID in nc else f"partition-{int(nc[P.NODE_PARTITION_ID]):06d}"
-    return Path(str(root)) / name / "scaffold-ci.npz"
+    return Path(str(root)) / P.client_name(nc) / "scaffold-ci.npz"
 
 
 def load_control_variate(context, session: int, like: Mapping[str, np.ndarray]) -> State:

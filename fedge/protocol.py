@@ -113,6 +113,17 @@ NODE_LOCAL_STEPS = "local-steps"  # this device's local steps per round (optiona
 NODE_BATCH_SIZE = "batch-size"  # this device's batch size (optional; else the server's)
 NODE_WORKER_SOCKET = "worker-socket"  # Unix socket of the device's warm worker (clients/worker.py)
 
+
+def client_name(node_config) -> str:
+    """A client's stable name: the operator's device-id, else ``partition-<id>`` (simulation).
+
+    A node without a partition-id trains on partition 0 (clients/app.py), so it is named after it.
+    """
+    if NODE_DEVICE_ID in node_config:
+        return str(node_config[NODE_DEVICE_ID])
+    return f"partition-{int(node_config.get(NODE_PARTITION_ID, 0)):06d}"
+
+
 # -- run config (``flwr run --run-config``) --------------------------------------
 RUN_SCENARIO = "scenario"  # path or packaged name of the scenario YAML
 RUN_OVERRIDES = "overrides"  # ';'-separated ``a.b=value`` overrides

@@ -8,7 +8,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 import clients.app
 import clients.runtime
 from fedge import config as fcfg
-from fedge import deltas, models
+from fedge import deltas, lora_fed, models
 from fedge import protocol as P
 from server.federation import Evaluator, round_config
 from tests.conftest import tiny_scenario_overrides
@@ -86,6 +86,17 @@ def test_evaluate_reports_local_heldout(tmp_path, tiny_llama_dir, flower_identit
     reply = clients.app.make_app(str(path))(eval_msg, _context(1))
     m = reply.content[P.METRICS]
     assert m[P.M_NUM_EXAMPLES] > 0 and np.isfinite(m[P.M_EVAL_LOSS]) and m[P.M_EVAL_LOSS] > 0
+
+
+def test_a_node_without_partition_id_has_one_name_everywhere(tmp_path):
+    # A node with neither device-id nor partition-id trains on partition 0: it is named after it,
+    # and its state directory and its SCAFFOLD c_i file use that one name (the c_i file raised).
+    assert P.client_name({}) == "partition-000000"
+    assert P.client_name({P.NODE_PARTITION_ID: 3}) == "partition-000003"
+    assert P.client_name({P.NODE_PARTITION_ID: 3, P.NODE_DEVICE_ID: "shop-1"}) == "shop-1"
+    ctx = Context(run_id=1, node_id=7, node_config={P.NODE_STATE_DIR: str(tmp_path)}, state=RecordDict(), run_config={})
+    assert clients.app._state_dir(ctx) == tmp_path / "partition-000000"
+    assert lora_fed._ci_file(ctx) == tmp_path / "partition-000000" / "scaffold-ci.npz"
 
 
 def test_scenario_file_is_plain_yaml(tmp_path, tiny_llama_dir):
