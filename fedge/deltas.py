@@ -23,7 +23,7 @@ int8       1 (+4 per tensor for scale)   ≤ ½ s, s = max|Δ_tensor| / 127
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,6 +54,17 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
         )
         for k in base
     }
+
+
+def weighted_mean(deltas_: Sequence[Mapping[str, np.ndarray]], weights: Iterable[float],
+                  keys: Iterable[str] | None = None) -> State:
+    """Σ_i w_i Δ_i per tensor (``keys``, else every tensor of the first delta), summed in client order.
+
+    The weights sum to 1 (``DeltaStrategy`` normalises them); summing in the clients' order
+    keeps the aggregate bitwise reproducible across runs and resumes.
+    """
+    weights = list(weights)
+    return {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in (deltas_[0] if keys is None else keys)}
 
 
 def _check_same_layout(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:

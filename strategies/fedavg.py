@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedge import deltas
 from strategies.base import DeltaStrategy
 from strategies.registry import register
 
@@ -22,4 +23,4 @@ class FedAvg(DeltaStrategy):
     paper = "McMahan et al. 2017, arXiv:1602.05629"
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0]}
+        return deltas.weighted_mean(deltas_, weights)

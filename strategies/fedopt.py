@@ -56,7 +56,7 @@ class FedOpt(DeltaStrategy):
         raise NotImplementedError
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0]}
+        return deltas.weighted_mean(deltas_, weights)
 
     def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = self.m or {k: np.zeros_like(d) for k, d in aggregate.items()}

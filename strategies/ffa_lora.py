@@ -47,7 +47,7 @@ class FFALoRA(DeltaStrategy):
         return {k: np.shape(v) for k, v in self.current.items() if not is_lora_a(k)}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0] if not is_lora_a(k)}
+        return deltas.weighted_mean(deltas_, weights, keys=[k for k in deltas_[0] if not is_lora_a(k)])
 
     def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = sorted(k for k in current if not is_lora_a(k) and k not in aggregate)

@@ -68,7 +68,7 @@ class FedExLoRA(DeltaStrategy):
         return {P.CFG_LORA_EXACT: True}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        out = {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0]}
+        out = deltas.weighted_mean(deltas_, weights)
         for a, b, r in lora_pairs(deltas_[0]):
             out[CROSS + r] = sum(w * (d[b] @ d[a]) for w, d in zip(weights, deltas_))
         return out

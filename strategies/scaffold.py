@@ -73,7 +73,7 @@ class Scaffold(DeltaStrategy):
         return {P.CFG_SCAFFOLD: self.session}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: self.server_lr * sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0]}
+        return {k: self.server_lr * v for k, v in deltas.weighted_mean(deltas_, weights).items()}
 
     # -- c goes out with the train message, Δc_i comes back with the reply --------------
 
