@@ -36,8 +36,6 @@ from fedge import protocol as P
 
 NODE_DATA_PATH = P.NODE_DATA_PATH
 NODE_STATE_DIR = P.NODE_STATE_DIR
-FLOWER_PROCESS_NAMES = ("flower-superlink", "flower-supernode", "flwr-clientapp", "flwr-serverapp",
-                        "flower-superexec", "flwr-superexec", "fedge._supernode")
 
 
 class DeployError(RuntimeError):
@@ -569,13 +567,6 @@ def submit_run(app_dir: str | Path, *, connection: str, flwr_home: str | Path, s
     return int(out["run-id"])
 
 
-def run_status(run_id: int, *, connection: str, flwr_home: str | Path) -> dict:
-    out = _json_out(flwr(["list", connection, "--run-id", str(run_id), "--format", "json"],
-                         flwr_home=flwr_home).stdout)
-    runs = out.get("runs") or []
-    return runs[0] if runs else out
-
-
 def read_metrics(run_dir: str | Path) -> list[dict]:
     f = Path(run_dir) / "metrics.jsonl"
     if not f.exists():
@@ -610,21 +601,6 @@ def wait_for_summary(run_dir: str | Path, timeout: float = 120.0) -> dict:
                 pass
         time.sleep(0.5)
     raise DeployError(f"no {f} after {timeout:.0f} s")
-
-
-def flower_processes(names: Iterable[str] = FLOWER_PROCESS_NAMES) -> list[int]:
-    """PIDs of running Flower runtime processes (by executable name in the command line)."""
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if any(Path(c).name in names for c in cmd[:3]):  # [python, -m, fedge._supernode] too
-            out.append(p.pid)
-    return out
 
 
 def write_scenario(path: str | Path, scenario: str = "default", overrides: Iterable[str] = ()) -> Path:

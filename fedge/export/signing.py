@@ -123,10 +123,6 @@ def load_public_key(key: str | Path | bytes | Ed25519PublicKey) -> Ed25519Public
     raise SignatureError("unrecognised public key: expected PEM, 64 hex characters or 32 raw bytes")
 
 
-def public_key_of(private: str | Path | Ed25519PrivateKey, *, password: bytes | None = None) -> Ed25519PublicKey:
-    return load_private_key(private, password=password).public_key()
-
-
 def sign_manifest(artifact_dir: str | Path, private_key: str | Path | Ed25519PrivateKey, *,
                   password: bytes | None = None) -> Path:
     """Sign ``manifest.json`` (must be canonical) and write ``manifest.sig``; return its path."""
