@@ -60,7 +60,26 @@ def tiny_scenario_overrides(model_dir: Path) -> list[str]:
     ]
 
 
-__all__ = ["make_tiny_llama", "tiny_scenario_overrides", "shutil"]
+FLOWER_PROCESS_NAMES = ("flower-superlink", "flower-supernode", "flwr-clientapp", "flwr-serverapp",
+                        "flower-superexec", "flwr-superexec", "fedge._supernode")
+
+
+def flower_processes(names: tuple[str, ...] = FLOWER_PROCESS_NAMES) -> list[int]:
+    """PIDs of running Flower runtime processes (by executable name in the command line)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(Path(c).name in names for c in cmd[:3]):  # [python, -m, fedge._supernode] too
+            out.append(p.pid)
+    return out
+
+
+__all__ = ["flower_processes", "make_tiny_llama", "tiny_scenario_overrides", "shutil"]
 
 
 @pytest.fixture()

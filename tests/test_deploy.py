@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from fedge import deploy as D
-from tests.conftest import tiny_scenario_overrides
+from tests.conftest import flower_processes, tiny_scenario_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ class Cluster:
             D.stop(p)
         groups = {p.pid for p in self.procs}
         left = []
-        for pid in D.flower_processes():
+        for pid in flower_processes():
             try:
                 if os.getpgid(pid) in groups:
                     left.append(psutil.Process(pid).cmdline()[:2])

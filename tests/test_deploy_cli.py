@@ -10,8 +10,8 @@ import time
 import pytest
 
 from fedge import config as fcfg
-from fedge.deploy import flower_processes, free_port
-from tests.conftest import tiny_scenario_overrides
+from fedge.deploy import free_port
+from tests.conftest import flower_processes, tiny_scenario_overrides
 
 pytestmark = pytest.mark.slow
 

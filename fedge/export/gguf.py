@@ -76,12 +76,6 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of :func:`permute_qk`."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _rope_theta(config) -> float:
     theta = getattr(config, "rope_theta", None)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -442,23 +436,6 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())))
                for t in reader.tensors}
     return GGUFInfo(meta.get("general.architecture"), meta.get("general.file_type"), meta, tensors)
-
-
-def read_gguf_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Tensors (all, or ``names``) dequantized to fp32, in HF-order shape (q/k stay permuted)."""
-    import gguf
-    from gguf.quants import dequantize
-
-    reader = gguf.GGUFReader(str(path))
-    out = {}
-    for t in reader.tensors:
-        if names is None or t.name in names:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            out[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-    missing = sorted(set(names or ()) - set(out))
-    if missing:
-        raise KeyError(f"{missing} not in {path}")
-    return out
 
 
 def load_gguf_causal_lm(path: str | Path):

@@ -409,11 +409,6 @@ class LocalServer:
         self.stop()
 
 
-def make_server(model: LocalModel, *, host: str = "127.0.0.1", port: int = 8000, **kw) -> LocalServer:
-    """A server for ``model`` (not started: ``start()`` / ``run()``); keyword arguments as :class:`LocalServer`."""
-    return LocalServer(model, host=host, port=port, **kw)
-
-
 def serve(store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           allowed_hosts=(), workers: int = 1, queue: int = 8, request_timeout: float = 120.0,
           **load_kwargs: Any) -> None:

@@ -81,3 +81,29 @@ def bert_tokenizer(d: Path):
 def logits(model, ids: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return model(input_ids=ids).logits.float().numpy()
+
+
+# -- a written GGUF's tensors, read back (only the tests need them) ------------------------------
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of ``fedge.export.gguf.permute_qk``."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Tensors (all, or ``names``) dequantized to fp32, in HF-order shape (q/k stay permuted)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        if names is None or t.name in names:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            out[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+    missing = sorted(set(names or ()) - set(out))
+    if missing:
+        raise KeyError(f"{missing} not in {path}")
+    return out

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from export_helpers import packaged_gguf, tiny_bpe_tokenizer, tiny_llama
+from export_helpers import packaged_gguf, read_gguf_tensors, tiny_bpe_tokenizer, tiny_llama, unpermute_qk
 
 from fedge.export.gguf import (
     GGUFExportError,
@@ -20,8 +20,6 @@ from fedge.export.gguf import (
     load_gguf_causal_lm,
     permute_qk,
     read_gguf,
-    read_gguf_tensors,
-    unpermute_qk,
     write_adapter_gguf,
     write_model_gguf,
 )

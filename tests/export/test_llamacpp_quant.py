@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from export_helpers import tiny_bpe_tokenizer
+from export_helpers import read_gguf_tensors, tiny_bpe_tokenizer, unpermute_qk
 
 from fedge import config as fcfg
 from fedge.export import llamacpp
@@ -28,8 +28,6 @@ from fedge.export.gguf import (
     load_gguf_causal_lm,
     permute_qk,
     read_gguf,
-    read_gguf_tensors,
-    unpermute_qk,
 )
 from fedge.export.manifest import read_manifest
 

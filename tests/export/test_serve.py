@@ -21,13 +21,13 @@ import pytest
 
 from fedge.export.artifact import build_artifact
 from fedge.runtime.infer import load_installed
-from fedge.runtime.serve import MAX_BODY, HTTPError, _Runner, make_server
+from fedge.runtime.serve import MAX_BODY, HTTPError, LocalServer, _Runner
 from fedge.runtime.store import install
 
 
 @contextmanager
 def running(model, **kw):
-    server = make_server(model, host="127.0.0.1", port=0, **kw).start()
+    server = LocalServer(model, host="127.0.0.1", port=0, **kw).start()
     try:
         yield server
     finally:
