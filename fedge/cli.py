@@ -1,8 +1,22 @@
 """The ``fedge`` command. Thin: parse arguments, call the library, print.
 
+Experiment (one machine):
     fedge simulate [SCENARIO] [--set a.b=value ...]   run a federation on this machine
     fedge config   [SCENARIO] [--set ...]             validate and print the resolved config
     fedge strategies                                  list aggregation strategies
+    fedge report RUN_DIR ...                          compare runs in one offline HTML page
+    fedge bench ...                                   benchmarks of whole federations (fedge bench --help)
+    fedge privacy ...                                 plan ε or the noise without training (fedge privacy --help)
+    fedge audit [SCENARIO]                            measure privacy with canaries (ε_lb beside ε)
+
+Deployment (a SuperLink and real devices):
+    fedge certs | keys                                TLS certificates; signing and device keys
+    fedge server [SCENARIO] | client --server ...     run the SuperLink and a scenario; run a device
+
+Artifacts (on a device):
+    fedge export RUN_DIR                              build a signed artifact from a finished run
+    fedge install ARTIFACT | rollback                 verify and install; back to the previous version
+    fedge infer | serve --store DIR                   run the installed model once; serve it over HTTP
 """
 
 from __future__ import annotations

@@ -84,6 +84,18 @@ def test_privacy_and_export_settings_refused_at_config_time(overrides, needle):
     assert needle in str(err.value)
 
 
+def test_cli_docstring_names_every_command():
+    # The module docstring is the command overview: a new subcommand must be added there too.
+    import re
+
+    from fedge import cli
+
+    commands = set(re.search(r"\{([a-z,]+)\}", cli.build_parser().format_usage()).group(1).split(","))
+    usage = [line.strip().split("  ")[0] for line in cli.__doc__.splitlines() if line.startswith("    fedge ")]
+    listed = set(re.findall(r"[a-z]+", " ".join(usage)))
+    assert len(commands) > 10 and commands <= listed, commands - listed
+
+
 def test_privacy_planning_command_is_scriptable():
     proc = subprocess.run([sys.executable, "-m", "fedge.cli", "privacy", "epsilon", "--noise-multiplier", "1.0",
                            "--sample-rate", "0.03125", "--steps", "12", "--delta", "1e-5", "--json"],
