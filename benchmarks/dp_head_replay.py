@@ -49,7 +49,7 @@ def features(model, tok, texts: list[str], max_length: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sigma(eps: float, delta: float, q: float, steps: int) -> float:
     from fedge.privacy.dpsgd import calibrate_noise
 
