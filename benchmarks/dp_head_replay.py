@@ -20,6 +20,7 @@ lr 3e-3 it reproduces the measured fedge curve (dp_utility.md, 0.72 at round 8),
 curve was limited by the head's step size, not by the noise.
 
 Usage: python benchmarks/dp_head_replay.py [--lrs 3e-3,3e-2,1e-1] [--eps none,1,2,4,8]
+                                            [--set federation.num_rounds=12 ...]
                                             [--out benchmarks/results/dp_head_replay.md]
 """
 
@@ -102,6 +103,7 @@ def main() -> int:
     p.add_argument("--lrs", default="3e-3,3e-2,1e-1")
     p.add_argument("--eps", default="none,1,2,4,8")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--set", action="append", default=[], help="scenario override, e.g. federation.num_rounds=12")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dp_head_replay.md"))
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -109,7 +111,7 @@ def main() -> int:
     from fedge import models
     from fedge.data.partition import data_args, federated_split
 
-    cfg = fcfg.load(args.scenario, [])
+    cfg = fcfg.load(args.scenario, args.set)
     t, dp = cfg.train, cfg.privacy.dp_sgd
     fd = federated_split(**data_args(cfg))
     classes = len(fd.label_names or ())
@@ -124,7 +126,8 @@ def main() -> int:
     xte, yte = features(base.model, base.tokenizer, list(te["text"]), cfg.model.max_length), torch.tensor(te["label"])
     t_feat = time.perf_counter() - t0
     lines = [
-        f"# DP-SGD on the classifier head alone: offline replay of `{args.scenario}`", "",
+        f"# DP-SGD on the classifier head alone: offline replay of `{args.scenario}`"
+        + (f" with {', '.join(args.set)}" if args.set else ""), "",
         f"Produced by `benchmarks/dp_head_replay.py` on {platform.machine()}, {torch.get_num_threads()} threads. "
         f"Same split ({len(clients)} branches, {sum(len(y) for _, y in clients)} training documents, "
         f"{len(yte)} test documents), batch {t.batch_size} (Poisson, q = B/n per branch), {t.local_steps} "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -146,11 +147,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+@functools.cache
+def _is_scenario_default(scenario: str, override: str) -> bool:
+    """Whether ``override`` leaves the scenario as it is today (so older rows join the default's group)."""
+    from fedge import config as fcfg
+
+    return fcfg.load(scenario, [override]).digest() == fcfg.load(scenario, []).digest()
+
+
 def variant(row: dict) -> str:
-    """The row's overrides beyond the level's own, the seed and the ε (e.g. 'model.pooling=mean')."""
+    """The row's overrides beyond the level's own, the seed, the ε and today's scenario values
+    (e.g. 'model.pooling=cls'). Rows keep every override they ran with, so a row run before a
+    scenario default changed stays apart from the rows run with the new default."""
     own = set(SETTINGS[row["level"]][1])
     return ";".join(o for o in row["overrides"].split(";")
-                    if o and o not in own and not o.startswith("seed=") and "target_epsilon=" not in o)
+                    if o and o not in own and not o.startswith("seed=") and "target_epsilon=" not in o
+                    and not _is_scenario_default(row["scenario"], o))
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
