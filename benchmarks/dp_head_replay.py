@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import platform
 import sys
 import time
@@ -59,7 +60,7 @@ def sigma(eps: float, delta: float, q: float, steps: int) -> float:
 
 
 def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, batch: int, steps: int, rounds: int,
-           clip: float, delta: float, seed: int) -> tuple[list[float], list[float]]:
+           clip: float, delta: float, seed: int, schedule: str = "constant") -> tuple[list[float], list[float]]:
     """Accuracy on the test set after each round, and the σ of each branch."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -68,12 +69,13 @@ def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, bat
     n = torch.tensor([float(len(y)) for _, y in clients])
     zs = [0.0 if eps is None else sigma(eps, delta, min(1.0, batch / len(y)), steps * rounds) for _, y in clients]
     curve = []
-    for _ in range(rounds):
+    for rnd in range(rounds):
         dw, db = torch.zeros_like(w), torch.zeros_like(b)
+        lr_r = lr if schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * rnd / rounds))
         for (x, y), z, ni in zip(clients, zs, n):
             q = min(1.0, batch / len(y))
             lw, lb = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
-            opt = torch.optim.AdamW([lw, lb], lr=lr, weight_decay=0.0)
+            opt = torch.optim.AdamW([lw, lb], lr=lr_r, weight_decay=0.0)
             for _ in range(steps):
                 take = torch.rand(len(y), generator=g) < q
                 xs, ys = x[take], y[take]
@@ -103,6 +105,8 @@ def main() -> int:
     p.add_argument("--lrs", default="3e-3,3e-2,1e-1")
     p.add_argument("--eps", default="none,1,2,4,8")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate across rounds: constant, or cosine from lr down to 0 over the rounds")
     p.add_argument("--set", action="append", default=[], help="scenario override, e.g. federation.num_rounds=12")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dp_head_replay.md"))
     args = p.parse_args()
@@ -127,7 +131,8 @@ def main() -> int:
     t_feat = time.perf_counter() - t0
     lines = [
         f"# DP-SGD on the classifier head alone: offline replay of `{args.scenario}`"
-        + (f" with {', '.join(args.set)}" if args.set else ""), "",
+        + (f" with {', '.join(args.set)}" if args.set else "")
+        + (f", {args.schedule} learning rate across rounds" if args.schedule != "constant" else ""), "",
         f"Produced by `benchmarks/dp_head_replay.py` on {platform.machine()}, {torch.get_num_threads()} threads. "
         f"Same split ({len(clients)} branches, {sum(len(y) for _, y in clients)} training documents, "
         f"{len(yte)} test documents), batch {t.batch_size} (Poisson, q = B/n per branch), {t.local_steps} "
@@ -145,7 +150,7 @@ def main() -> int:
                 t1 = time.perf_counter()
                 curve, zs = replay(clients, xte, yte, classes=classes, lr=lr, eps=eps, batch=t.batch_size,
                                    steps=t.local_steps, rounds=cfg.federation.num_rounds, clip=dp.max_grad_norm,
-                                   delta=dp.delta, seed=seed)
+                                   delta=dp.delta, seed=seed, schedule=args.schedule)
                 row = (f"| {lr:g} | {'∞' if eps is None else f'{eps:g}'} | {seed} | "
                        f"{' '.join(f'{a:.3f}' for a in curve)} | **{curve[-1]:.4f}** | "
                        f"{min(zs):.2f}–{max(zs):.2f} | {time.perf_counter() - t1:.0f} |")
