@@ -40,7 +40,7 @@ import torch
 
 from fedge.data.tokenize import collate
 from fedge.privacy import accounting
-from fedge.train import per_example_loss
+from fedge.train import param_groups, per_example_loss
 
 # Context-state keys of the accountant history (one ConfigRecord, three parallel lists).
 HISTORY_NOISE = "dp-history-noise"
@@ -224,8 +224,6 @@ def train_local_dp(
     entropy = secrets.randbits(63) if seed is None else int(seed)
     rng = np.random.default_rng(entropy)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    from fedge.train import param_groups
-
     # Separate head step (post-processing: the noise is added before the optimizer).
     opt = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), weight_decay=weight_decay)
     batches = poisson_batches(n, sample_rate=q, steps=steps, rng=rng)
