@@ -160,6 +160,10 @@ def _head_lr(conf) -> float | None:
     return float(conf[P.CFG_HEAD_LR]) if P.CFG_HEAD_LR in conf else None
 
 
+def _head_optimizer(conf) -> str:
+    return str(conf.get(P.CFG_HEAD_OPTIMIZER, "adamw"))
+
+
 def _train_dp_sgd(peft, train_ex, rt, conf, context: Context) -> dict:
     """DP-SGD for this round; the accountant history persists across rounds (and restarts)."""
     from fedge.privacy import dpsgd
@@ -174,7 +178,7 @@ def _train_dp_sgd(peft, train_ex, rt, conf, context: Context) -> dict:
         rounds=int(conf[P.CFG_NUM_ROUNDS]), accountant=accountant)
     out, history = dpsgd.train_local_dp(
         peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=steps, sample_rate=q, lr=float(conf[P.CFG_LR]),
-        head_lr=_head_lr(conf), noise_multiplier=z, max_grad_norm=float(conf[P.CFG_DPSGD_MAX_GRAD_NORM]), delta=delta, history=history,
+        head_lr=_head_lr(conf), head_optimizer=_head_optimizer(conf), noise_multiplier=z, max_grad_norm=float(conf[P.CFG_DPSGD_MAX_GRAD_NORM]), delta=delta, history=history,
         max_epsilon=target, accountant=accountant, weight_decay=float(conf[P.CFG_WEIGHT_DECAY]),
         max_physical_batch=int(conf.get(P.CFG_DPSGD_MAX_PHYSICAL_BATCH, 0)) or None)
     _save_history(context, history)
@@ -191,6 +195,7 @@ def _train_round(peft, train_ex, rt, conf, context: Context, seed: int, metrics:
         return
     result = train_local(peft, train_ex, task=rt.task, pad_id=rt.pad_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
                          batch_size=int(conf[P.CFG_BATCH_SIZE]), lr=float(conf[P.CFG_LR]), head_lr=_head_lr(conf),
+                         head_optimizer=_head_optimizer(conf),
                          weight_decay=float(conf[P.CFG_WEIGHT_DECAY]), seed=seed,
                          proximal_mu=float(conf.get(P.CFG_PROXIMAL_MU, 0.0)))
     metrics[P.M_TRAIN_LOSS] = result["loss"]

@@ -108,9 +108,13 @@ class TrainSection(_Section):
     batch_size: int = Field(4, ge=1, description="Examples per local step.")
     lr: float = Field(1e-3, gt=0, lt=1, description="Local AdamW learning rate.")
     head_lr: float | None = Field(
-        None, gt=0, lt=1, description="sequence-classification: learning rate of the classifier head (default "
+        None, gt=0, le=10, description="sequence-classification: learning rate of the classifier head (default "
         "train.lr). A head trained from scratch on frozen features needs larger steps than the adapter; under "
         "DP-SGD a too-small head step is what keeps accuracy low (benchmarks/results/dp_utility.md).")
+    head_optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="sequence-classification: the head's optimizer. 'sgd' (momentum 0.9, step "
+        "train.head_lr) is the one to use under DP-SGD: Adam rescales each coordinate by its noisy RMS, so the "
+        "noise moves the head as much as the signal (benchmarks/results/dp_head_replay.md).")
     weight_decay: float = Field(0.0, ge=0, description="Local AdamW weight decay.")
     eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch.")
 
@@ -323,6 +327,9 @@ class RunConfig(_Section):
             raise ValueError("model.pooling 'mean' is for model.task sequence-classification")
         if self.train.head_lr is not None and self.model.task != "sequence-classification":
             raise ValueError("train.head_lr is for model.task sequence-classification (the classifier head)")
+        if self.train.head_optimizer == "sgd" and self.train.head_lr is None:
+            raise ValueError("train.head_optimizer 'sgd' needs train.head_lr (the SGD head's step size; the "
+                             "adapter's AdamW lr is not one)")
         if self.model.pooling == "mean" and self.export.enabled:
             raise ValueError("model.pooling 'mean' changes the classifier's architecture, which artifacts do not "
                              "carry yet: set export.enabled: false (the run keeps its adapter/)")

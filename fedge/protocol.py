@@ -32,6 +32,7 @@ CFG_LOCAL_STEPS = "local-steps"
 CFG_BATCH_SIZE = "batch-size"
 CFG_LR = "lr"
 CFG_HEAD_LR = "head-lr"  # absent: the head trains at CFG_LR
+CFG_HEAD_OPTIMIZER = "head-optimizer"  # "adamw" | "sgd"; absent: adamw
 CFG_WEIGHT_DECAY = "weight-decay"
 CFG_ENCODING = "encoding"
 CFG_BASE_HASH = "base-hash"

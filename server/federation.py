@@ -109,7 +109,7 @@ def _require_secure_rule(inner: strategies.DeltaStrategy, name: str) -> None:
 def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
     """Everything a client needs to train one round (the server is the authority)."""
     t, lo, dp = cfg.train, cfg.lora, cfg.privacy.dp_sgd
-    extra: dict = {P.CFG_HEAD_LR: t.head_lr} if t.head_lr is not None else {}
+    extra: dict = {P.CFG_HEAD_LR: t.head_lr, P.CFG_HEAD_OPTIMIZER: t.head_optimizer} if t.head_lr is not None else {}
     if dp.enabled:
         extra |= {P.CFG_DPSGD_NOISE: dp.noise_multiplier or 0.0, P.CFG_DPSGD_TARGET_EPS: dp.target_epsilon or 0.0,
                  P.CFG_DPSGD_MAX_GRAD_NORM: dp.max_grad_norm, P.CFG_DPSGD_DELTA: dp.delta,

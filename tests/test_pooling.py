@@ -113,3 +113,78 @@ def test_head_lr_needs_a_head():
     with pytest.raises(ValueError, match="no trainable head"):
         param_groups(torch.nn.Linear(2, 2), lr=1e-3, head_lr=1e-2)
     assert len(param_groups(torch.nn.Linear(2, 2), lr=1e-3)) == 1
+
+
+def _ex(n=24, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": [101, *rng.integers(1000, 2000, size=int(rng.integers(3, 9))).tolist(), 102],
+             "label": int(rng.integers(3))} for _ in range(n)]
+
+
+def _peft(bert_dir):
+    base = models.load_base(str(bert_dir), task="sequence-classification", num_labels=3, pooling="mean")
+    return models.add_lora(base.model, task="sequence-classification", r=2, alpha=4, dropout=0.0,
+                           target_modules=["query", "value"])
+
+
+def test_sgd_head_is_heavy_ball_on_the_noisy_gradients_and_the_adapter_keeps_adamw(bert_dir, torch_one_thread):
+    from fedge.train import HEAD_MOMENTUM, is_head
+
+    # Prepare: three DP-SGD steps with the head on SGD; record the (clipped, noised, averaged) head
+    # gradient that reaches the SGD part at each step
+    ex, lr, head_lr = _ex(), 1e-3, 0.5
+    peft = _peft(bert_dir)
+    heads = [(n, p) for n, p in peft.named_parameters() if p.requires_grad and is_head(n)]
+    before = [p.detach().clone() for _, p in heads]
+    seen: list[list[torch.Tensor]] = []
+    real_sgd = torch.optim.SGD.step
+
+    def tracing_step(self, *a, **k):
+        seen.append([p.grad.detach().clone() for _, p in heads])
+        return real_sgd(self, *a, **k)
+
+    torch.optim.SGD.step = tracing_step
+    try:
+        # Execute
+        dpsgd.train_local_dp(peft, ex, task="sequence-classification", pad_id=0, steps=3, sample_rate=0.5, lr=lr,
+                             head_lr=head_lr, head_optimizer="sgd", noise_multiplier=1.0, max_grad_norm=1.0,
+                             delta=1e-3, seed=0)
+    finally:
+        torch.optim.SGD.step = real_sgd
+    # Assert (oracle: the heavy-ball recursion v <- μv + g, θ <- θ - lr·v from the recorded gradients)
+    assert len(heads) == 2 and len(seen) == 3
+    for i, (_, p) in enumerate(heads):
+        theta, v = before[i].clone(), torch.zeros_like(before[i])
+        for g in seen:
+            v = HEAD_MOMENTUM * v + g[i]
+            theta -= head_lr * v
+        assert not torch.equal(p.detach(), before[i])
+        torch.testing.assert_close(p.detach(), theta, rtol=1e-5, atol=1e-7)
+    # ... and one step of the adapter is AdamW's, bit for bit, whatever the head's optimizer
+    def adapter_step(head_optimizer):
+        p = _peft(bert_dir)
+        b = models.get_adapter_state(p)
+        dpsgd.train_local_dp(p, ex, task="sequence-classification", pad_id=0, steps=1, sample_rate=0.5, lr=lr,
+                             head_lr=head_lr, head_optimizer=head_optimizer, noise_multiplier=1.0,
+                             max_grad_norm=1.0, delta=1e-3, seed=0)
+        return {k: v - b[k] for k, v in models.get_adapter_state(p).items() if "classifier" not in k}
+
+    sgd, adamw = adapter_step("sgd"), adapter_step("adamw")
+    assert sgd and all(np.any(v != 0) for v in sgd.values())
+    for k in sgd:
+        np.testing.assert_array_equal(sgd[k], adamw[k])
+
+
+def test_sgd_head_config_and_wire():
+    from fedge import protocol as P
+    from fedge.train import make_optimizer
+    from server.federation import round_config
+
+    with pytest.raises(fcfg.ConfigError, match="train.head_optimizer"):
+        fcfg.load("reuters", ["train.head_lr=null", "train.head_optimizer=sgd"])
+    with pytest.raises(ValueError, match="train.head_optimizer"):
+        make_optimizer(torch.nn.Linear(2, 2), lr=1e-3, head_optimizer="sgd")
+    cfg = fcfg.load("dp-record", [])
+    conf = round_config(cfg, base_hash="x")
+    assert conf[P.CFG_HEAD_OPTIMIZER] == cfg.train.head_optimizer == "sgd"
+    assert conf[P.CFG_HEAD_LR] == cfg.train.head_lr

@@ -40,7 +40,7 @@ import torch
 
 from fedge.data.tokenize import collate
 from fedge.privacy import accounting
-from fedge.train import param_groups, per_example_loss
+from fedge.train import make_optimizer, per_example_loss
 
 # Context-state keys of the accountant history (one ConfigRecord, three parallel lists).
 HISTORY_NOISE = "dp-history-noise"
@@ -190,6 +190,7 @@ def train_local_dp(
     max_grad_norm: float,
     delta: float,
     head_lr: float | None = None,
+    head_optimizer: str = "adamw",
     history: Iterable[Sequence[float]] = (),
     max_epsilon: float | None = None,
     accountant: str = "rdp",
@@ -197,7 +198,7 @@ def train_local_dp(
     max_physical_batch: int | None = None,
     seed: int | None = None,
 ) -> tuple[dict[str, float], accounting.History]:
-    """``steps`` DP-SGD steps with AdamW on the trainable (LoRA) parameters.
+    """``steps`` DP-SGD steps on the trainable (LoRA, head) parameters (AdamW; the head optionally SGD).
 
     Returns (metrics, new_history). ``metrics["epsilon"]`` is the record-level ε
     after this round (history + this round) at ``delta``. ``metrics["loss"]`` is
@@ -225,7 +226,7 @@ def train_local_dp(
     rng = np.random.default_rng(entropy)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     # Separate head step (post-processing: the noise is added before the optimizer).
-    opt = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), weight_decay=weight_decay)
+    opt = make_optimizer(model, lr=lr, head_lr=head_lr, head_optimizer=head_optimizer, weight_decay=weight_decay)
     batches = poisson_batches(n, sample_rate=q, steps=steps, rng=rng)
     t0 = time.perf_counter()
     out = dp_sgd_steps(model, examples, batches, task=task, pad_id=pad_id, optimizer=opt, noise_multiplier=z,
