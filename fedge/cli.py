@@ -253,17 +253,27 @@ def cmd_infer(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    from fedge.runtime.serve import TOKEN_ENV, is_loopback, serve
+    from fedge.runtime.serve import TOKEN_ENV, ServeError, is_loopback, serve
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if not is_loopback(args.host) and not token:
         print(f"fedge: --host {args.host} is reachable from the network: give --token (or ${TOKEN_ENV}); "
               "without one anyone who reaches the port uses the model", file=sys.stderr)
         return 2
-    print(f"serving {args.store} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/classify)"
-          f"{'; bearer token required' if token else ''}", flush=True)
-    serve(args.store, host=args.host, port=args.port, backend=args.backend, token=token,
-          allowed_hosts=args.allow_host, workers=args.workers, queue=args.queue, request_timeout=args.timeout)
+
+    def ready(server) -> None:  # printed once the port is bound and the model loaded
+        m = server.slot.model
+        print(f"serving {m.name} (version {m.version}, {m.backend} backend) from {args.store} on {server.url} "
+              f"(/v1/chat/completions, /v1/completions, /v1/classify){'; bearer token required' if token else ''}",
+              flush=True)
+
+    try:
+        serve(args.store, host=args.host, port=args.port, backend=args.backend, token=token,
+              allowed_hosts=args.allow_host, workers=args.workers, queue=args.queue, request_timeout=args.timeout,
+              watch_interval=args.watch_interval, ready=ready)
+    except ServeError as err:
+        print(f"fedge: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -476,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "more get 503 (default: %(default)s)")
             sp.add_argument("--timeout", type=float, default=120.0,
                             help="seconds a request may take before 504 (default: %(default)s)")
+            sp.add_argument("--watch-interval", type=float, default=1.0, metavar="SECONDS",
+                            help="poll the store this often and switch to a newly installed version between "
+                                 "requests; 0 turns it off (default: %(default)s)")
         sp.set_defaults(fn=fn)
 
     sp = sub.add_parser("certs", help="a CA and a SuperLink certificate (pilot TLS)")

@@ -4,12 +4,31 @@ Endpoints (JSON in, JSON out; errors as ``{"error": {"message", "type"}}``):
 
 ``POST /v1/chat/completions`` (causal LMs), OpenAI-compatible subset::
 
-    request  {"messages": [{"role": "user", "content": "..."}], "max_tokens": 64, "model": "..."}
-             (greedy decoding: temperature/top_p are accepted and ignored; "stream": true → 400)
+    request  {"messages": [{"role": "user", "content": "..."}], "max_tokens": 64, "model": "...",
+              "stream": false, "stream_options": {"include_usage": false}}
+             (greedy decoding: temperature/top_p/stop are accepted and ignored)
     response {"id": "chatcmpl-…", "object": "chat.completion", "created": unix, "model": name,
               "choices": [{"index": 0, "message": {"role": "assistant", "content": "…"},
                            "finish_reason": "stop" | "length"}],
               "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+
+``POST /v1/completions`` (causal LMs, no chat template)::
+
+    request  {"prompt": "..." | ["..."], "max_tokens": 16, "stream": false}
+    response {"id": "cmpl-…", "object": "text_completion", "created", "model",
+              "choices": [{"index": 0, "text": "…", "logprobs": null, "finish_reason": …}], "usage": {…}}
+
+With ``"stream": true`` both answer ``text/event-stream`` (server-sent events, OpenAI's
+chunk format) as the model generates: ``data: {chunk}`` lines — chat: ``object
+"chat.completion.chunk"``, ``choices[0].delta`` = ``{"role": "assistant", "content": ""}``
+first, then ``{"content": piece}``; completions: ``choices[0].text`` = piece — then one
+chunk with an empty delta / text and the ``finish_reason``, a usage chunk (``choices: []``)
+when ``stream_options.include_usage`` is true, and ``data: [DONE]``. The pieces
+concatenate to the non-streamed answer. Refusals that can be known before the first
+token (400, 413, 503, 504 waiting for a worker) are plain JSON errors with their status;
+an error after the stream started ends it with ``data: {"error": {...}}`` and no
+``[DONE]`` (a 500's request id, or the 504 deadline). A client that goes away stops the
+generation at its next token.
 
 ``POST /v1/classify`` (classifiers)::
 
@@ -17,7 +36,9 @@ Endpoints (JSON in, JSON out; errors as ``{"error": {"message", "type"}}``):
     response {"object": "classification", "model": name,
               "data": [{"index": i, "label": int, "label_name": str, "probs": [float, ...]}]}
 
-``GET /v1/models`` and ``GET /health``.
+``GET /v1/models`` and ``GET /health`` (both report the served ``version``). The served
+model follows the store (``fedge.runtime.hotswap``): a newer install is loaded in the
+background and switched to between requests.
 
 Every request, before any route runs:
 
@@ -35,7 +56,7 @@ of the previous response), idle keep-alive connections close after 5 s, at most
 ``max_connections`` connections (uvicorn answers 503 past it); the model runs in a pool
 of ``workers`` threads with at most ``queue`` requests waiting (503 past it) and each
 answer within ``request_timeout`` s (504; the thread finishes its work and frees its
-slot). A chat prompt longer than the model's context is refused with 413; the answer
+slot; a stream that passes it ends with a timeout error event and its generation stops). A chat prompt longer than the model's context is refused with 413; the answer
 is cut to fit the context (``finish_reason: "length"``); a text to classify longer
 than the context: 413. A 500 says "internal error" and a request id, never the
 exception (it may hold paths or data); the log has the traceback under that id.
@@ -45,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
@@ -54,17 +76,20 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedge.runtime import stream
+from fedge.runtime.hotswap import ModelSlot, StoreWatcher
 from fedge.runtime.infer import LocalModel, load_installed
 
 log = logging.getLogger(__name__)
@@ -74,6 +99,11 @@ MAX_TOKENS_LIMIT = 2048
 MAX_INPUTS = 64  # texts per classify request
 TOKEN_ENV = "FEDGE_SERVE_TOKEN"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ServeError(RuntimeError):
+    """``fedge serve`` cannot start (the port is taken, the address cannot be bound)."""
 
 
 class HTTPError(Exception):
@@ -162,7 +192,8 @@ class _Runner:
         self.pending = 0
         self.lock = threading.Lock()
 
-    async def run(self, fn, *args):
+    def start(self, fn, *args) -> Future:
+        """Queue ``fn(*args)`` (503 when ``workers + queue`` requests are already in)."""
         with self.lock:
             if self.pending >= self.capacity:
                 raise HTTPError(503, "server busy: too many requests waiting for the model", "server_busy",
@@ -175,6 +206,10 @@ class _Runner:
                 self.pending -= 1
 
         future.add_done_callback(release)  # the slot frees when the work ends, not when the client gives up
+        return future
+
+    async def run(self, fn, *args):
+        future = self.start(fn, *args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except asyncio.TimeoutError:
@@ -222,11 +257,46 @@ def _closing(runner: _Runner):
     return lifespan
 
 
-def make_app(model: LocalModel, *, port: int, allowed_hosts=(), token: str | None = None, loopback: bool = True,
-             workers: int = 1, queue: int = 8, request_timeout: float = 120.0, body_timeout: float = 10.0):
-    """The ASGI app (guard + routes) for ``model``; ``port`` is the port clients put in ``Host``."""
+class _Cancelled(Exception):
+    """Raised into the generation when its stream's client went away or its deadline passed."""
+
+
+def _sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+def _max_tokens(body: dict, default: int) -> int:
+    n = body.get("max_tokens", body.get("max_completion_tokens", default))
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_TOKENS_LIMIT:
+        raise HTTPError(400, f"'max_tokens' must be an integer in [1, {MAX_TOKENS_LIMIT}]")
+    return n
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) from ``stream`` and ``stream_options``."""
+    streaming, options = body.get("stream", False), body.get("stream_options") or {}
+    if not isinstance(streaming, bool):
+        raise HTTPError(400, "'stream' must be true or false")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise HTTPError(400, "'stream_options' must be an object like {\"include_usage\": true}")
+    return streaming, bool(options.get("include_usage")) and streaming
+
+
+def make_app(model: LocalModel | ModelSlot, *, port: int, allowed_hosts=(), token: str | None = None,
+             loopback: bool = True, workers: int = 1, queue: int = 8, request_timeout: float = 120.0,
+             body_timeout: float = 10.0):
+    """The ASGI app (guard + routes) for ``model`` (a slot: the model can be swapped while serving);
+    ``port`` is the port clients put in ``Host``."""
     runner = _Runner(workers, queue, request_timeout)
-    context = model.context_length
+    slot = model if isinstance(model, ModelSlot) else ModelSlot(model)
+
+    def room(m: LocalModel, n: int, max_tokens: int) -> int:
+        """Answer tokens that fit after an ``n``-token prompt (413 when none do)."""
+        context = m.context_length
+        if context is not None and n >= context:
+            raise HTTPError(413, f"the prompt is {n} tokens; this model's context is {context} tokens",
+                            "context_length_exceeded")
+        return max_tokens if context is None else min(max_tokens, context - n)
 
     def chat(body: dict) -> dict:
         messages = body.get("messages")
@@ -235,29 +305,148 @@ def make_app(model: LocalModel, *, port: int, allowed_hosts=(), token: str | Non
                 ("system", "user", "assistant") for m in messages)):
             raise HTTPError(400, "'messages' must be a non-empty list of {role: system|user|assistant, "
                                  "content: string}")
-        if body.get("stream"):
-            raise HTTPError(400, "streaming is not supported; send stream=false")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-            raise HTTPError(400, f"'max_tokens' must be an integer in [1, {MAX_TOKENS_LIMIT}]")
+        streaming, usage = _stream_flags(body)
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return {"messages": messages, "max_tokens": max_tokens}
+        return {"messages": messages, "max_tokens": _max_tokens(body, 64), "stream": streaming, "usage": usage}
 
-    def run_chat(req: dict) -> dict:
-        n = model.prompt_tokens(req["messages"])
-        if context is not None and n >= context:
-            raise HTTPError(413, f"the prompt is {n} tokens; this model's context is {context} tokens",
-                            "context_length_exceeded")
-        room = req["max_tokens"] if context is None else min(req["max_tokens"], context - n)
-        r = model.chat(req["messages"], max_new_tokens=room)
+    def completion(body: dict) -> dict:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise HTTPError(400, "'prompt' must be a non-empty string (or a list of one)")
+        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1 or body.get("echo") or body.get("suffix"):
+            raise HTTPError(400, "n, best_of, echo and suffix are not supported (one greedy continuation)")
+        streaming, usage = _stream_flags(body)
+        return {"prompt": prompt, "max_tokens": _max_tokens(body, 16), "stream": streaming, "usage": usage}
+
+    def run_chat(req: dict, on_start=None, on_text=None):
+        with slot.use() as m:
+            n = m.prompt_tokens(req["messages"])
+            limit = room(m, n, req["max_tokens"])
+            if on_start is not None:
+                on_start(m.name)
+            r = stream.chat(m, req["messages"], max_new_tokens=limit, on_text=on_text)
+            return m.name, r
+
+    def run_completion(req: dict, on_start=None, on_text=None):
+        with slot.use() as m:
+            if m.task != "causal-lm":
+                raise HTTPError(400, f"/v1/completions needs a causal-lm model; this server runs a {m.task} model")
+            limit = room(m, stream.prompt_tokens(m, req["prompt"]), req["max_tokens"])
+            if on_start is not None:
+                on_start(m.name)
+            return m.name, stream.complete(m, req["prompt"], max_new_tokens=limit, on_text=on_text)
+
+    def usage_of(r) -> dict:
+        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+    def chat_response(name: str, r) -> dict:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-            "created": int(time.time()), "model": model.name,
+            "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
                          "finish_reason": r.finish_reason}],
-            "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                      "total_tokens": r.prompt_tokens + r.completion_tokens},
+            "usage": usage_of(r),
         }
+
+    def completion_response(name: str, r) -> dict:
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": name, "choices": [{"index": 0, "text": r.text, "logprobs": None,
+                                            "finish_reason": r.finish_reason}],
+                "usage": usage_of(r)}
+
+    def chat_chunks(cid: str, created: int, name: str):
+        def chunk(delta=None, finish=None, usage=None):
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish}]}
+            if usage:
+                body["usage"] = usage
+            return body
+
+        return (chunk({"role": "assistant", "content": ""}), lambda piece: chunk({"content": piece}),
+                lambda finish: chunk({}, finish), lambda usage: chunk(usage=usage))
+
+    def completion_chunks(cid: str, created: int, name: str):
+        def chunk(text="", finish=None, usage=None):
+            body = {"id": cid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [] if usage else [{"index": 0, "text": text, "logprobs": None,
+                                                  "finish_reason": finish}]}
+            if usage:
+                body["usage"] = usage
+            return body
+
+        return None, lambda piece: chunk(piece), lambda finish: chunk("", finish), lambda usage: chunk(usage=usage)
+
+    async def streamed(run: Callable, req: dict, kind: str):
+        """Run ``run`` in the pool and answer its pieces as server-sent events (module docstring)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        deadline = loop.time() + request_timeout
+
+        def put(*event):
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def on_text(piece: str) -> None:
+            if stop.is_set():
+                raise _Cancelled
+            put("text", piece)
+
+        future = runner.start(run, req, lambda name: put("start", name), on_text)
+        future.add_done_callback(lambda f: put("done", f))
+
+        async def next_event():
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(events.get(), left)
+
+        try:
+            first = await next_event()
+        except asyncio.TimeoutError:
+            stop.set()
+            raise HTTPError(504, f"the model did not answer within {request_timeout:g} s", "timeout") from None
+        if first[0] == "done":
+            first[1].result()  # raises what the work raised: a 400/413 HTTPError, or a 500
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head, piece_chunk, final_chunk, usage_chunk = (chat_chunks if kind == "chat" else completion_chunks)(
+            cid, int(time.time()), first[1])
+
+        async def body():
+            try:
+                if head is not None:
+                    yield _sse(head)
+                while True:
+                    try:
+                        event = await next_event()
+                    except asyncio.TimeoutError:
+                        stop.set()
+                        yield _sse({"error": {"message": f"the answer did not finish within {request_timeout:g} s",
+                                              "type": "timeout"}})
+                        return
+                    if event[0] == "text":
+                        yield _sse(piece_chunk(event[1]))
+                    elif event[0] == "done":
+                        try:
+                            _, r = event[1].result()
+                        except Exception as err:  # noqa: BLE001 - the stream has started: say so in it
+                            rid = uuid.uuid4().hex[:12]
+                            log.error("request %s failed", rid, exc_info=err)
+                            yield _sse({"error": {"message": f"internal error (request id {rid})",
+                                                  "type": "server_error"}})
+                            return
+                        yield _sse(final_chunk(r.finish_reason))
+                        if req["usage"]:
+                            yield _sse(usage_chunk(usage_of(r)))
+                        yield _sse("[DONE]")
+                        return
+            finally:
+                stop.set()  # a client that went away (the generator is closed) stops the generation
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     def classify(body: dict) -> list[str]:
         texts = body.get("input", body.get("text"))
@@ -270,34 +459,46 @@ def make_app(model: LocalModel, *, port: int, allowed_hosts=(), token: str | Non
         return texts
 
     def run_classify(texts: list[str]) -> dict:
-        if context is not None:
-            lengths = model.text_tokens(texts)
-            longest = max(range(len(texts)), key=lengths.__getitem__)
-            if lengths[longest] > context:
-                raise HTTPError(413, f"input {longest} is {lengths[longest]} tokens; this model's context is "
-                                     f"{context} tokens", "context_length_exceeded")
-        return {"object": "classification", "model": model.name,
-                "data": [{"index": i, **r} for i, r in enumerate(model.classify(texts))]}
+        with slot.use() as m:
+            context = m.context_length
+            if context is not None:
+                lengths = m.text_tokens(texts)
+                longest = max(range(len(texts)), key=lengths.__getitem__)
+                if lengths[longest] > context:
+                    raise HTTPError(413, f"input {longest} is {lengths[longest]} tokens; this model's context is "
+                                         f"{context} tokens", "context_length_exceeded")
+            return {"object": "classification", "model": m.name,
+                    "data": [{"index": i, **r} for i, r in enumerate(m.classify(texts))]}
 
-    routes_for = {"/v1/chat/completions": ("causal-lm", chat, run_chat),
-                  "/v1/classify": ("sequence-classification", classify, run_classify)}
+    # path → (task it needs, parse, run, kind); kind None: JSON only, else streamable "chat" / "completion"
+    routes_for = {"/v1/chat/completions": ("causal-lm", chat, run_chat, "chat"),
+                  "/v1/completions": ("causal-lm", completion, run_completion, "completion"),
+                  "/v1/classify": ("sequence-classification", classify, run_classify, None)}
 
     async def post(request: Request):
-        task, parse, run = routes_for[request.url.path]
-        if model.task != task:
-            raise HTTPError(400, f"{request.url.path} needs a {task} model; this server runs a {model.task} model")
+        task, parse, run, kind = routes_for[request.url.path]
+        if slot.model.task != task:
+            raise HTTPError(400, f"{request.url.path} needs a {task} model; this server runs a "
+                                 f"{slot.model.task} model")
         req = parse(await _json_body(request, body_timeout))
-        return JSONResponse(await runner.run(run, req))
+        if kind is None:
+            return JSONResponse(await runner.run(run, req))
+        if req["stream"]:
+            return await streamed(run, req, kind)
+        name, r = await runner.run(run, req)
+        return JSONResponse(chat_response(name, r) if kind == "chat" else completion_response(name, r))
 
     async def health(request: Request):
-        body = {"status": "ok", "version": model.version, "task": model.task}
-        if model.fallback_from:
-            body["fallback_from"] = model.fallback_from
+        m = slot.model
+        body = {"status": "ok", "version": m.version, "task": m.task}
+        if m.fallback_from:
+            body["fallback_from"] = m.fallback_from
         return JSONResponse(body)
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": model.name, "object": "model", "owned_by": "fedge",
-                                                         "task": model.task}]})
+        m = slot.model
+        return JSONResponse({"object": "list", "data": [{"id": m.name, "object": "model", "owned_by": "fedge",
+                                                         "created": 0, "task": m.task, "version": m.version}]})
 
     async def http_error(request: Request, err: HTTPError):
         return _error(err.status, err.message, err.kind, err.headers)
@@ -314,7 +515,7 @@ def make_app(model: LocalModel, *, port: int, allowed_hosts=(), token: str | Non
         return _error(500, f"internal error (request id {rid})", "server_error")
 
     app = Starlette(
-        routes=[Route("/v1/chat/completions", post, methods=["POST"]), Route("/v1/classify", post, methods=["POST"]),
+        routes=[*(Route(path, post, methods=["POST"]) for path in routes_for),
                 Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"])],
         exception_handlers={HTTPError: http_error, 404: not_found, 405: not_allowed, Exception: internal},
         lifespan=_closing(runner),
@@ -348,22 +549,39 @@ class _TimedH11(H11Protocol):
         self.loop.call_later(self.header_timeout, expire)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; :class:`ServeError` with one plain sentence when it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ServeError(f"port {port} on {host} is already in use (another fedge serve?); "
+                             "stop that server or choose another --port") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
 class LocalServer:
     """The model behind uvicorn on ``host:port`` (``port=0``: a free one, see ``.port``).
 
+    ``model``: a :class:`LocalModel`, or a :class:`ModelSlot` whose model may be swapped
+    while serving. ``sock``: an already bound socket (``bind``) instead of ``host:port``.
     ``start()`` runs it in a thread, ``stop()`` ends it; ``run()`` blocks (``fedge serve``).
     """
 
-    def __init__(self, model: LocalModel, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-                 allowed_hosts=(), workers: int = 1, queue: int = 8, request_timeout: float = 120.0,
-                 body_timeout: float = 10.0, header_timeout: float = 10.0, max_connections: int = 64):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
+    def __init__(self, model: LocalModel | ModelSlot, *, host: str = "127.0.0.1", port: int = 8000,
+                 token: str | None = None, allowed_hosts=(), workers: int = 1, queue: int = 8,
+                 request_timeout: float = 120.0, body_timeout: float = 10.0, header_timeout: float = 10.0,
+                 max_connections: int = 64, sock: socket.socket | None = None):
+        self.sock = sock if sock is not None else bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.model = model
+        self.slot = model if isinstance(model, ModelSlot) else ModelSlot(model)
+        model = self.slot
         if not is_loopback(host) and not token:
             log.warning("serving on %s without a token: anyone who can reach this port can use the model", host)
         app = make_app(model, port=self.port, allowed_hosts=allowed_hosts, token=token, loopback=is_loopback(host),
@@ -411,13 +629,34 @@ class LocalServer:
 
 def serve(store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           allowed_hosts=(), workers: int = 1, queue: int = 8, request_timeout: float = 120.0,
+          watch_interval: float = 1.0, ready: Callable[[LocalServer], None] | None = None,
           **load_kwargs: Any) -> None:
-    """Load the store's current model (falling back to the previous version when it is refused)
-    and serve it until interrupted (blocking). ``token`` defaults to ``$FEDGE_SERVE_TOKEN``."""
-    model = load_installed(store_dir, **load_kwargs)
+    """Serve the store's current model (falling back to the previous version when it is refused)
+    until interrupted (blocking); ``token`` defaults to ``$FEDGE_SERVE_TOKEN``.
+
+    The port is bound first (:class:`ServeError` when it cannot be, before any model is
+    loaded), then the model is loaded, then ``ready(server)`` is called. With
+    ``watch_interval`` > 0 the store is polled that often and a newly installed version
+    replaces the served one between requests (``fedge.runtime.hotswap``)."""
+    sock = bind(host, port)
+    try:
+        model = load_installed(store_dir, **load_kwargs)
+    except BaseException:
+        sock.close()
+        raise
     token = token or os.environ.get(TOKEN_ENV) or None
-    server = LocalServer(model, host=host, port=port, token=token, allowed_hosts=allowed_hosts, workers=workers,
-                         queue=queue, request_timeout=request_timeout)
+    slot = ModelSlot(model)
+    server = LocalServer(slot, host=host, token=token, allowed_hosts=allowed_hosts, workers=workers,
+                         queue=queue, request_timeout=request_timeout, sock=sock)
     log.info("serving %s (%s, %s backend%s) on %s%s", model.name, model.task, model.backend,
              f", {model.compute} compute" if model.compute else "", server.url, " (token required)" if token else "")
-    server.run()
+    watcher = StoreWatcher(slot, store_dir, interval=watch_interval, **load_kwargs) if watch_interval > 0 else None
+    if ready is not None:
+        ready(server)
+    if watcher is not None:
+        watcher.start()
+    try:
+        server.run()
+    finally:
+        if watcher is not None:
+            watcher.stop()

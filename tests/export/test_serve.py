@@ -98,10 +98,48 @@ def test_chat_completion_in_openai_shape(chat_model):
     assert health == {"status": "ok", "version": 1, "task": "causal-lm"}
 
 
+def sse_events(server, path: str, body: dict) -> tuple[int, str, list]:
+    """POST with ``stream: true``; (status, content type, the ``data:`` payloads, JSON-decoded but [DONE])."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, json.dumps({**body, "stream": True}),
+                     {"Host": f"127.0.0.1:{server.port}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read().decode()
+    finally:
+        conn.close()
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e]
+    return r.status, r.getheader("content-type"), [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_chat_and_completions_stream_as_server_sent_events(chat_model):
+    # Prepare
+    from fedge.runtime import stream
+
+    chat = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 10}
+    completion = {"prompt": "the lazy", "max_tokens": 10}
+    # Execute
+    with running(chat_model) as srv:
+        status, ctype, events = sse_events(srv, "/v1/chat/completions", chat)
+        _, full = post(srv, "/v1/chat/completions", chat)
+        c_status, _, c_events = sse_events(srv, "/v1/completions", completion)
+        _, c_full = post(srv, "/v1/completions", completion)
+    # Assert: role chunk, pieces, a finish chunk, [DONE]; pieces == the non-streamed answer == the model's
+    assert status == 200 and ctype.startswith("text/event-stream") and events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == full["choices"][0]["message"]["content"] == chat_model.chat(chat["messages"], max_new_tokens=10).text
+    assert c_status == 200 and c_events[-1] == "[DONE]"
+    c_text = "".join(c["choices"][0]["text"] for c in c_events[:-1])
+    assert c_text == c_full["choices"][0]["text"] == stream.complete(chat_model, "the lazy", max_new_tokens=10).text
+
+
 @pytest.mark.parametrize("body, message", [
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "streaming"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "'stream' must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     (b"{not json", "not valid JSON"),
 ])
