@@ -14,6 +14,9 @@ One directory (see ``fedge.export.manifest`` for the manifest fields)::
                                     below 8 bits the weights the adapter changed (its
                                     target_modules) stay Q8_0, or rounding would erase the update
         model.int8.safetensors      "int8" format: int8 weight-only, per-row scales (any model)
+        model.onnx, model.int8.onnx "onnx" / "onnx-int8" formats (sequence classifiers): the merged model
+                                    as ONNX fp32 / ONNX Runtime dynamic int8, for devices without
+                                    PyTorch (needs the optional ``onnx`` extra; fedge.export.onnx_export)
         model.safetensors           "fp32" format: merged fp32 weights
         config.json, generation_config.json   for the safetensors formats
         tokenizer.json, tokenizer_config.json, chat_template.jinja, vocab.txt ...   tokenizer
@@ -47,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.export import llamacpp
+from fedge.export import llamacpp, onnx_export
 from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
 from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
@@ -153,7 +156,8 @@ def build_artifact(
     base_source : the base model id the run trained on (``fedge.models.load_base`` source).
     private_key : the signer's Ed25519 PEM private key file.
     mode : "adapter" or "merged".
-    formats : merged mode: GGUF types (Llama only; K-quants need llama_cpp) and/or "int8", "fp32".
+    formats : merged mode: GGUF types (Llama only; K-quants need llama_cpp) and/or "int8", "fp32";
+        "onnx", "onnx-int8" for sequence classifiers (need the ``onnx`` extra).
     adapter_gguf : adapter mode: also write adapter.gguf (None: when the model is Llama).
     reference_gguf : GGUF whose tokenizer metadata is copied (default model: the packaged one).
     privacy : privacy spent by the run (None: trained without DP, recorded as null).
@@ -171,7 +175,8 @@ def build_artifact(
     if mode == "merged" and formats:
         try:
             llamacpp.require(formats)  # before loading anything
-        except llamacpp.LlamaCppMissing as err:
+            onnx_export.require(formats)
+        except (llamacpp.LlamaCppMissing, onnx_export.OnnxMissing) as err:
             raise ArtifactBuildError(str(err)) from None
     if task == "sequence-classification" and num_labels is None:
         num_labels = _num_labels_from_adapter(adapter_dir)
@@ -180,11 +185,13 @@ def build_artifact(
     llama = _is_llama(base.model)
     if formats is None:
         formats = ("Q8_0",) if llama else ("int8",)
-    allowed = (MODEL_TYPES + llamacpp.QUANT_TYPES if llama else ()) + OTHER_FORMATS
+    allowed = ((MODEL_TYPES + llamacpp.QUANT_TYPES if llama else ()) + OTHER_FORMATS
+               + (onnx_export.ONNX_FORMATS if task == "sequence-classification" else ()))
     bad = [f for f in formats if f not in allowed]
     if mode == "merged" and (bad or not formats):
         raise ArtifactBuildError(f"formats {bad or list(formats)} not possible for this model; allowed: {list(allowed)}"
-                                 + ("" if llama else " (GGUF needs a Llama-architecture model)"))
+                                 + ("" if llama else " (GGUF needs a Llama-architecture model)")
+                                 + ("" if task == "sequence-classification" else " (ONNX: sequence classifiers)"))
     if reference_gguf is None and base_source == DEFAULT_MODEL:
         reference_gguf = packaged_reference_gguf()
     peft_model = load_peft_model(base.model, adapter_dir)
@@ -284,6 +291,9 @@ def _write_merged(merged, tokenizer, tmp: Path, *, formats, reference_gguf, targ
             elif fmt == "fp32":
                 save_merged(merged, tmp)
                 out["model.safetensors"] = "fp32"
+        if any(f in onnx_export.ONNX_FORMATS for f in formats):
+            merged.config.save_pretrained(tmp)  # the ONNX runtime reads max_position_embeddings
+            out.update(onnx_export.write_onnx(merged, tmp, formats))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

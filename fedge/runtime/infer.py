@@ -2,7 +2,7 @@
 
 Backends:
 
-* ``torch`` (always available)
+* ``torch`` (the default install)
     - adapter mode: the base is loaded with ``fedge.models.load_base(base id)``, its
       content hash must equal the manifest's ``base_model.sha256``, then the PEFT
       adapter is loaded and merged (W0 + (alpha/r)·BA) for speed;
@@ -17,8 +17,14 @@ Backends:
 * ``llama.cpp`` (only when ``llama_cpp`` imports; causal LMs): a merged GGUF, or the
   base GGUF + ``adapter.gguf`` as runtime LoRA (default model: the packaged SmolLM2
   GGUF, checked against the manifest's ``base_model.gguf_sha256``).
+* ``onnxruntime`` (sequence classifiers; the optional ``onnx`` extra): ``model.int8.onnx``,
+  else ``model.onnx`` (``fedge.runtime.ort``). This path imports neither torch nor
+  transformers: a device needs only onnxruntime, tokenizers and numpy to classify.
+  ``LocalModel.compute`` says "onnx-int8" or "onnx-fp32".
 
-``auto`` picks llama.cpp when it is importable and usable, else torch.
+``auto`` picks llama.cpp when it is importable and usable; for a classifier whose artifact
+holds ONNX, onnxruntime when torch is not installed or the artifact has no file torch loads;
+else torch. torch is imported only by the torch backend.
 Every load re-checks the sha256 of every file against the installed manifest
 (the signature was verified at install time by ``fedge.runtime.store``).
 Decoding is greedy (deterministic).
@@ -26,12 +32,11 @@ Decoding is greedy (deterministic).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fedge.export.manifest import ManifestError, read_manifest
 from fedge.files import sha256_file
@@ -39,7 +44,8 @@ from fedge.runtime.store import VERSIONS, ArtifactRefused, current, current_dir,
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "llama.cpp")
+BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime")
+TORCH_CLASSIFIER_FILES = ("model.safetensors", "model.int8.safetensors", "adapter_model.safetensors")
 # torch dequantizes anyway: most precise first
 TORCH_GGUF_ORDER = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_1", "Q4_0")
 # llama.cpp runs quantized: best quality/speed first
@@ -66,7 +72,7 @@ class LocalModel:
     tokenizer: Any = None
     labels: list[str] | None = None
     files: dict[str, str] = field(default_factory=dict)  # what was loaded, for reports
-    compute: str | None = None  # torch: "fp32" or "int8-dynamic" (int8 Linear layers); llama.cpp: None
+    compute: str | None = None  # torch: "fp32" | "int8-dynamic"; onnxruntime: "onnx-fp32" | "onnx-int8"; llama.cpp: None
     fallback_from: dict[str, Any] | None = None  # the current version refused at load, when an older one runs
 
     @property
@@ -97,6 +103,8 @@ class LocalModel:
         model's ``max_position_embeddings`` (torch) or llama.cpp's ``n_ctx``."""
         if self.backend == "llama.cpp":
             return int(self.model.n_ctx())
+        if self.backend == "onnxruntime":
+            return self.model.context_length
         n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         return int(n) if n else None
 
@@ -109,6 +117,8 @@ class LocalModel:
 
     def text_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text as the classifier sees it (special tokens included, no truncation)."""
+        if self.backend == "onnxruntime":
+            return self.model.token_counts(texts)
         return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
 
     def _chat_ids(self, messages) -> list[int]:
@@ -122,15 +132,18 @@ class LocalModel:
             ids = tok(text, add_special_tokens=True)["input_ids"]
         return list(ids)
 
-    @torch.no_grad()
     def _torch_chat(self, messages, max_new_tokens: int) -> ChatResult:
+        import torch
+
         tok = self.tokenizer
         ids = torch.tensor([self._chat_ids(messages)])
         end_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
                                if "<|im_end|>" in tok.get_vocab() else None) if i is not None}
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(end_ids), 0)
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, eos_token_id=sorted(end_ids) or None, pad_token_id=pad)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=sorted(end_ids) or None, pad_token_id=pad)
         new = out[0, ids.shape[1]:].tolist()
         stopped = bool(new) and new[-1] in end_ids
         return ChatResult(tok.decode(new, skip_special_tokens=True).strip(), ids.shape[1], len(new),
@@ -138,21 +151,44 @@ class LocalModel:
 
     # -- classification -----------------------------------------------------------------------
 
-    @torch.no_grad()
     def classify(self, text: str | list[str]) -> dict[str, Any] | list[dict[str, Any]]:
         """Label (index and name) and class probabilities for one text or a list of texts."""
         if self.task != "sequence-classification":
             raise ValueError(f"classify needs a sequence-classification model; this one is {self.task}")
         texts = [text] if isinstance(text, str) else list(text)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=min(512, self.context_length or 512),
-                             return_tensors="pt")
-        probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)
+        if self.backend == "onnxruntime":
+            from fedge.runtime.ort import softmax
+
+            probs = softmax(self.model.logits(texts))
+        else:
+            import torch
+
+            enc = self.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=min(512, self.context_length or 512), return_tensors="pt")
+            with torch.no_grad():
+                probs = torch.softmax(self.model(**enc).logits.float(), dim=-1).numpy()
         out = []
         for row in probs:
             label = int(row.argmax())
             name = self.labels[label] if self.labels and label < len(self.labels) else str(label)
             out.append({"label": label, "label_name": name, "probs": [round(float(p), 6) for p in row]})
         return out[0] if isinstance(text, str) else out
+
+
+def torch_available() -> bool:
+    """True when torch can be imported here (looked up, not imported)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def onnxruntime_available() -> bool:
+    """True when onnxruntime and tokenizers can be imported (the optional ``onnx`` extra)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
+    except (ImportError, ValueError):
+        return False
 
 
 def llama_cpp_available() -> bool:
@@ -245,19 +281,53 @@ def load_artifact(
     except (ManifestError, FileNotFoundError) as err:
         raise ArtifactRefused("manifest", str(err)) from None
     check_hashes(artifact_dir, manifest)
-    if threads:
-        torch.set_num_threads(threads)
     files = set(manifest["files"])
     task = manifest["task"]
     if backend == "auto":
-        backend = "llama.cpp" if (task == "causal-lm" and llama_cpp_available()
-                                  and _llama_cpp_plan(artifact_dir, manifest, base_gguf) is not None) else "torch"
+        backend = _auto_backend(artifact_dir, manifest, base_gguf)
     common = dict(task=task, version=manifest["version"], manifest=manifest, labels=manifest.get("labels"))
     if backend == "llama.cpp":
         return _load_llama_cpp(artifact_dir, manifest, base_gguf, threads, n_ctx, common)
+    if backend == "onnxruntime":
+        return _load_onnxruntime(artifact_dir, manifest, threads, common)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     if manifest["mode"] == "adapter":
         return _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common)
     return _load_torch_merged(artifact_dir, files, task, common, int8_compute=int8_compute)
+
+
+def _auto_backend(artifact_dir: Path, manifest, base_gguf) -> str:
+    from fedge.runtime.ort import ONNX_ORDER
+
+    files, task = set(manifest["files"]), manifest["task"]
+    if task == "causal-lm" and llama_cpp_available() and _llama_cpp_plan(artifact_dir, manifest, base_gguf):
+        return "llama.cpp"
+    if task == "sequence-classification" and files & set(ONNX_ORDER) and (
+            not torch_available() or not files & set(TORCH_CLASSIFIER_FILES)):
+        return "onnxruntime"
+    return "torch"
+
+
+def _load_onnxruntime(artifact_dir: Path, manifest, threads, common) -> LocalModel:
+    from fedge.runtime.ort import COMPUTE, ONNX_ORDER, OrtClassifier
+
+    if manifest["task"] != "sequence-classification":
+        raise ValueError("the onnxruntime backend runs sequence classifiers only")
+    if not onnxruntime_available():
+        raise RuntimeError("backend 'onnxruntime' needs onnxruntime and tokenizers: pip install 'fedge[onnx]'")
+    files = set(manifest["files"])
+    onnx_files = [f for f in ONNX_ORDER if f in files]
+    if not onnx_files:
+        raise ArtifactRefused("files", f"no ONNX model (model.onnx, model.int8.onnx) in {sorted(files)}")
+    for need in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if need not in files:
+            raise ArtifactRefused("files", f"the onnxruntime backend needs {need}, which the artifact lacks")
+    model = OrtClassifier(artifact_dir, onnx_files[0], threads=threads)
+    return LocalModel(backend="onnxruntime", model=model, tokenizer=model.tokenizer, compute=COMPUTE[onnx_files[0]],
+                      files={"model": onnx_files[0]}, **common)
 
 
 def _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common) -> LocalModel:
@@ -282,6 +352,7 @@ def _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common) 
 
 def _load_torch_merged(artifact_dir: Path, files: set[str], task: str, common, *,
                        int8_compute: bool = True) -> LocalModel:
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from fedge.export.gguf import load_gguf_causal_lm

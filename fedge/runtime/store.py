@@ -26,7 +26,8 @@ short code in brackets):
 5. adapter mode: its base hash equals ``local_base_hash`` (when given)   [base-hash]
 6. the files present are exactly the files listed                          [files]
 7. every file's size and sha256 match the manifest                        [hash]
-8. every file parses as its type (safetensors header, GGUF magic, JSON), and no
+8. every file parses as its type (safetensors header, GGUF magic, JSON, an ONNX
+   model that ``onnx.checker`` accepts with no external data), and no
    file, whatever its name, holds a pickle stream or a zip archive (checked by
    content: pickle opcodes parsed up to STOP, zip magic)                  [format]
 
@@ -177,12 +178,42 @@ def _check_format(path: Path, rel: str) -> None:
                 json.loads(f.read().decode("utf-8"))
             except ValueError:
                 raise ArtifactRefused("format", f"{rel} is not valid UTF-8 JSON") from None
+        elif suffix == ".onnx":
+            _check_onnx(path, rel)
         elif suffix in (".txt", ".jinja"):
             f.seek(0)
             try:
                 f.read().decode("utf-8")
             except UnicodeDecodeError:
                 raise ArtifactRefused("format", f"{rel} is not UTF-8 text") from None
+
+
+def _check_onnx(path: Path, rel: str) -> None:
+    """An ``.onnx`` file must parse as an ONNX model that ``onnx.checker`` accepts, with every weight
+    inside the file: external data names a path the runtime would open, outside what was signed."""
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError:
+        raise ArtifactRefused("format", f"{rel} is an ONNX file and the onnx package, which checks it, is "
+                                        "not installed: pip install 'fedge[onnx]'") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf DecodeError and the like: all mean "not ONNX"
+        raise ArtifactRefused("format", f"{rel} is not a valid ONNX model ({type(err).__name__})") from None
+    graphs, tensors = [model.graph], []
+    while graphs:  # subgraphs (If/Loop bodies) carry initializers too
+        g = graphs.pop()
+        tensors += list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.HasField("t")]
+        tensors += [t for n in g.node for a in n.attribute for t in a.tensors]
+        graphs += [a.g for n in g.node for a in n.attribute if a.HasField("g")]
+        graphs += [sub for n in g.node for a in n.attribute for sub in a.graphs]
+    if any(uses_external_data(t) for t in tensors):
+        raise ArtifactRefused("format", f"{rel} refers to external data files (weights must be inside the file)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:  # noqa: BLE001 - ValidationError and the like
+        raise ArtifactRefused("format", f"{rel} is not a valid ONNX model ({type(err).__name__})") from None
 
 
 def _verified_manifest(data: bytes, sig: bytes, trusted_public_key) -> dict[str, Any]:
