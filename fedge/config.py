@@ -187,7 +187,8 @@ class ExportSection(_Section):
         "'merged': merge into the base and quantize (GGUF for Llama models, int8 otherwise).")
     formats: tuple[str, ...] | None = Field(
         None, description="merged mode: GGUF types F32, F16, Q8_0, Q4_1, Q4_0 (Llama models), Q4_K_M, Q5_K_M, "
-        "Q6_K (llama.cpp's quantizer: needs the 'llamacpp' extra), and/or int8, fp32 (default: Q8_0 / int8).")
+        "Q6_K (llama.cpp's quantizer: needs the 'llamacpp' extra), and/or int8, fp32 (default: Q8_0 / int8); "
+        "onnx, onnx-int8 for sequence classifiers (ONNX Runtime on devices without PyTorch: the 'onnx' extra).")
     private_key: str | None = Field(
         None, description="Ed25519 signing key (fedge keys generate); default <run_root>/keys/fedge.key, "
         "created on first use (a pilot convenience: production operators bring their own).")
@@ -205,12 +206,13 @@ class ExportSection(_Section):
     def _known_formats(cls, formats: tuple[str, ...] | None) -> tuple[str, ...] | None:
         from fedge.export.gguf import MODEL_TYPES
         from fedge.export.llamacpp import QUANT_TYPES
+        from fedge.export.onnx_export import ONNX_FORMATS
 
-        allowed = (*MODEL_TYPES, *QUANT_TYPES, "int8", "fp32")
+        allowed = (*MODEL_TYPES, *QUANT_TYPES, "int8", "fp32", *ONNX_FORMATS)
         bad = [f for f in formats or () if f not in allowed]
         if bad:
             raise ValueError(f"unknown format(s) {bad}; allowed: {list(allowed)} (GGUF types need a "
-                             "Llama-architecture model)")
+                             "Llama-architecture model; ONNX a sequence classifier)")
         return formats
 
     @model_validator(mode="after")
@@ -221,6 +223,10 @@ class ExportSection(_Section):
 
             if any(f in llamacpp.QUANT_TYPES for f in self.formats) and not llamacpp.available():
                 raise ValueError(llamacpp.missing_message(self.formats, field="export.formats"))
+            from fedge.export import onnx_export
+
+            if any(f in onnx_export.ONNX_FORMATS for f in self.formats) and onnx_export.missing_modules():
+                raise ValueError(onnx_export.missing_message(self.formats, field="export.formats"))
         return self
 
 
@@ -330,6 +336,10 @@ class RunConfig(_Section):
         if self.train.head_optimizer == "sgd" and self.train.head_lr is None:
             raise ValueError("train.head_optimizer 'sgd' needs train.head_lr (the SGD head's step size; the "
                              "adapter's AdamW lr is not one)")
+        if (self.export.enabled and self.model.task != "sequence-classification"
+                and {"onnx", "onnx-int8"} & set(self.export.formats or ())):
+            raise ValueError("export.formats onnx / onnx-int8 are for model.task sequence-classification "
+                             "(causal LMs ship GGUF)")
         if self.model.pooling == "mean" and self.export.enabled:
             raise ValueError("model.pooling 'mean' changes the classifier's architecture, which artifacts do not "
                              "carry yet: set export.enabled: false (the run keeps its adapter/)")
