@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                           ("serve", cmd_serve, "serve the installed model on a local HTTP port")):
         sp = sub.add_parser(name, help=hlp)
         store_arg(sp)
-        sp.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp"])
+        sp.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp", "onnxruntime"],
+                        help="onnxruntime: ONNX classifiers without PyTorch (auto picks it when torch is absent)")
         if name == "infer":
             g = sp.add_mutually_exclusive_group(required=True)
             g.add_argument("--prompt", help="causal LM: answer this prompt")
