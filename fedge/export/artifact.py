@@ -21,6 +21,9 @@ One directory (see ``fedge.export.manifest`` for the manifest fields)::
         config.json, generation_config.json   for the safetensors formats
         tokenizer.json, tokenizer_config.json, chat_template.jinja, vocab.txt ...   tokenizer
 
+    Modelfile                       Ollama recipe beside GGUF files (merged: FROM the GGUF; adapter: FROM
+                                    the base GGUF + ADAPTER adapter.gguf; chat TEMPLATE; fedge.export.ollama)
+
     manifest.json, manifest.sig     canonical manifest and its Ed25519 signature
 
 Formats in "merged" mode default to ``("Q8_0",)`` for Llama models and
@@ -50,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.export import llamacpp, onnx_export
+from fedge.export import llamacpp, ollama, onnx_export
 from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
 from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
@@ -197,6 +200,7 @@ def build_artifact(
     peft_model = load_peft_model(base.model, adapter_dir)
     adapter_config = _adapter_config(peft_model)
 
+    base_gguf_sha = sha256_file(packaged_reference_gguf()) if base_source == DEFAULT_MODEL else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -204,6 +208,10 @@ def build_artifact(
         if mode == "adapter":
             quantization.update(_write_adapter(peft_model, tmp, base_source=base_source, llama=llama,
                                                adapter_gguf=adapter_gguf, adapter_config=adapter_config))
+            if "adapter.gguf" in quantization:
+                ollama.write_modelfile(tmp, base.tokenizer, version_note="adapter mode", base_id=base_source,
+                                       base_gguf_name=Path(reference_gguf).name if reference_gguf else None,
+                                       base_gguf_sha256=base_gguf_sha)
         else:
             merged = merge_lora(peft_model)
             quantization.update(_write_merged(merged, base.tokenizer, tmp, formats=formats,
@@ -216,7 +224,6 @@ def build_artifact(
             version = next_version(counter)
         elif version_file:
             next_version(version_file, at_least=version)
-        base_gguf_sha = sha256_file(packaged_reference_gguf()) if base_source == DEFAULT_MODEL else None
         manifest = build_manifest(
             tmp, version=version, mode=mode, task=task, base_model_id=base_source, base_hash=base.hash,
             signer=fingerprint(key.public_key()), adapter_config=adapter_config, quantization=quantization,
@@ -294,6 +301,7 @@ def _write_merged(merged, tokenizer, tmp: Path, *, formats, reference_gguf, targ
         if any(f in onnx_export.ONNX_FORMATS for f in formats):
             merged.config.save_pretrained(tmp)  # the ONNX runtime reads max_position_embeddings
             out.update(onnx_export.write_onnx(merged, tmp, formats))
+        ollama.write_modelfile(tmp, tokenizer, version_note="merged mode", merged_files=list(out))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -18,7 +18,8 @@ installed), in this order, refusing with :class:`ArtifactRefused` (``reason`` = 
 short code in brackets):
 
 1. every file is a regular file of an allowed type (``.json``, ``.sig``, ``.safetensors``,
-   ``.gguf``, ``.onnx``, ``.txt``, ``.jinja``, ``.model``); pickle-based weights
+   ``.gguf``, ``.onnx``, ``.txt``, ``.jinja``, ``.model``, or an Ollama ``Modelfile``,
+   checked as UTF-8 text and never read by fedge); pickle-based weights
    (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ...) are refused by name      [file-type]
 2. ``manifest.sig`` verifies over ``manifest.json`` with the trusted key  [signature]
 3. the manifest is canonical and well-formed                               [manifest]
@@ -61,6 +62,7 @@ from fedge.export.signing import (
 from fedge.files import sha256_file
 
 ALLOWED_SUFFIXES = (".json", ".sig", ".safetensors", ".gguf", ".onnx", ".txt", ".jinja", ".model")
+ALLOWED_NAMES = ("Modelfile",)  # exact file names without an allowed suffix (text)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".dill", ".h5")
 STATE = "current"
 VERSIONS = "versions"
@@ -101,7 +103,7 @@ def check_file_types(artifact_dir: Path) -> list[str]:
         suffix = p.suffix.lower()
         if suffix in PICKLE_SUFFIXES:
             raise ArtifactRefused("file-type", f"forbidden file type {rel} (pickle-based formats are never loaded)")
-        if suffix not in ALLOWED_SUFFIXES:
+        if suffix not in ALLOWED_SUFFIXES and p.name not in ALLOWED_NAMES:
             raise ArtifactRefused("file-type", f"unknown file type {rel} (allowed: {', '.join(ALLOWED_SUFFIXES)})")
         if suffix == ".sig" and rel != SIGNATURE:
             raise ArtifactRefused("file-type", f"unexpected signature file {rel}")
@@ -180,7 +182,7 @@ def _check_format(path: Path, rel: str) -> None:
                 raise ArtifactRefused("format", f"{rel} is not valid UTF-8 JSON") from None
         elif suffix == ".onnx":
             _check_onnx(path, rel)
-        elif suffix in (".txt", ".jinja"):
+        elif suffix in (".txt", ".jinja") or path.name in ALLOWED_NAMES:
             f.seek(0)
             try:
                 f.read().decode("utf-8")

@@ -248,7 +248,7 @@ def test_is_pickle_finds_every_protocol_and_no_artifact_file(protocol, built, tm
     p.write_bytes(pickle.dumps({"w": [1.0, 2.0], "f": _Payload()}, protocol=protocol))
     assert is_pickle(p)
     payload = [f for f in sorted(built["v2"].iterdir()) if f.name != SIGNATURE]  # the signature is random bytes
-    assert {f.suffix for f in payload} == {".safetensors", ".gguf", ".json"}
+    assert {f.suffix for f in payload} == {".safetensors", ".gguf", ".json", ""}  # "": the Ollama Modelfile
     for f in payload:  # none of the real formats is a pickle program
         assert not is_pickle(f), f.name
 

@@ -84,7 +84,7 @@ def test_manifest_is_canonical_and_lists_every_payload_file(artifacts, keys, lla
     manifest = verify_manifest(d, keys.public_pem)
     # Assert
     assert raw == canonical_bytes(manifest) == json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "adapter.gguf"}
+    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "adapter.gguf", "Modelfile"}
     for rel, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(d / rel), "size": (d / rel).stat().st_size}
     assert manifest["privacy"] == {"epsilon": 1.7, "delta": 1e-5, "accountant": "rdp", "unit": "record"}
