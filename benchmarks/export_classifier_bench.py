@@ -1,4 +1,5 @@
-"""Export benchmark for the classifier (MiniLM-L6 + LoRA, language ID): int8 vs fp32 merged artifacts.
+"""Export benchmark for the classifier (MiniLM-L6 + LoRA, language ID): torch fp32 / torch int8 / ONNX fp32 /
+ONNX int8 merged artifacts, side by side.
 
 Not run by the tests (a few minutes). Usage::
 
@@ -25,6 +26,12 @@ What it does, in one process (so every ratio compares numbers measured side by s
   6. writes ``--out`` (markdown) with the goals of issue #5 (size ≤ 0.3, latency ≤ 0.6, int8
      accuracy within 1 % of the fp32 merged model).
 
+With the ``onnx`` extra installed, two more artifacts, merged ``onnx`` (``model.onnx``, torch.onnx dynamo
+export) and merged ``onnx-int8`` (``model.int8.onnx``, ONNX Runtime dynamic int8), are installed and run by
+the device runtime's ``onnxruntime`` backend (``--threads`` intra-op threads), which imports no torch; they
+get the same quality and latency measurements and a summary table of all four formats against torch fp32
+(issue #17 item 5). ``--no-onnx`` skips them.
+
 A third row, "int8 file, dequantized", loads the same int8 artifact with ``int8_compute=False``
 (fp32 compute, the runtime's behaviour before int8 Linear layers): it separates the weight
 rounding (stored in the file) from the activation rounding (torch dynamic quantization).
@@ -47,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedge.data.corpora import chatterbot_utterances  # noqa: E402
+from fedge.export import onnx_export  # noqa: E402
 from fedge.export.artifact import build_artifact  # noqa: E402
 from fedge.export.merge import full_range_activations, int8_linear_names, load_peft_model  # noqa: E402
 from fedge.export.signing import generate_keypair  # noqa: E402
@@ -60,6 +68,7 @@ TASK = "sequence-classification"
 SIZE_GOAL, LATENCY_GOAL, ACCURACY_GOAL = 0.3, 0.6, 1.0  # issue #5; accuracy: % of the fp32 accuracy
 BATCHES = (1, 16)
 SEVEN_BIT = "int8, 7-bit activations"
+ONNX_ROWS = {"onnx fp32": ("onnx", "model.onnx"), "onnx int8": ("onnx-int8", "model.int8.onnx")}
 
 
 def split(n_eval: int, seed: int = 0):
@@ -119,14 +128,20 @@ def latency(models: dict, texts: list[str], *, batch: int, repeats: int, forward
     inputs = [texts[(i * batch) % len(texts):][:batch] for i in range(repeats)]
     inputs = [x if len(x) == batch else texts[:batch] for x in inputs]
     names = list(models)
-    if forward_only:
-        tok = models[names[0]].tokenizer
-        inputs = [tok(x, padding=True, truncation=True, max_length=512, return_tensors="pt") for x in inputs]
+    feeds = {}
+    if forward_only:  # each backend's own tokenized inputs, built before timing
+        tok = next(m for m in models.values() if m.backend == "torch").tokenizer
+        torch_in = [tok(x, padding=True, truncation=True, max_length=512, return_tensors="pt") for x in inputs]
+        feeds = {n: [models[n].model.feed(x) for x in inputs] if models[n].backend == "onnxruntime" else torch_in
+                 for n in names}
+        inputs = list(range(len(inputs)))
 
     def call(name, x):
-        if forward_only:
+        if forward_only and models[name].backend == "onnxruntime":
+            models[name].model.run(feeds[name][x])
+        elif forward_only:
             with torch.no_grad():
-                models[name].model(**x)
+                models[name].model(**feeds[name][x])
         else:
             models[name].classify(x)
 
@@ -150,6 +165,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200, help="timed classify calls per model and batch size")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every timed call")
     ap.add_argument("--train-threads", type=int, default=os.cpu_count() or 1, help="torch threads for training")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX artifacts")
     ap.add_argument("--workdir", type=Path, help="where artifacts are written (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_classifier.md")
     args = ap.parse_args()
@@ -168,11 +184,13 @@ def main() -> None:
     keys = generate_keypair(work / "keys", overwrite=True)
 
     arts, build_s = {}, {}
-    for i, (label, kw) in enumerate((("fp32", dict(mode="merged", formats=("fp32",))),
-                                     ("int8", dict(mode="merged", formats=("int8",))),
-                                     ("adapter", dict(mode="adapter"))), start=1):
+    onnx = not args.no_onnx and not onnx_export.missing_modules()
+    builds = [("fp32", dict(mode="merged", formats=("fp32",))), ("int8", dict(mode="merged", formats=("int8",))),
+              ("adapter", dict(mode="adapter"))]
+    builds += [(label, dict(mode="merged", formats=(fmt,))) for label, (fmt, _) in ONNX_ROWS.items() if onnx]
+    for i, (label, kw) in enumerate(builds, start=1):
         t0 = time.perf_counter()
-        arts[label] = build_artifact(adapter, work / f"art-{label}", base_source=MODEL, private_key=keys.private,
+        arts[label] = build_artifact(adapter, work / f"art-{label.replace(' ', '-')}", base_source=MODEL, private_key=keys.private,
                                      task=TASK, labels=names, version=i, **kw)
         build_s[label] = time.perf_counter() - t0
     sizes = {k: dir_bytes(v) for k, v in arts.items()}
@@ -194,6 +212,13 @@ def main() -> None:
         modules = dict(models[SEVEN_BIT].model.named_modules())
         for name in int8_linear_names(models[SEVEN_BIT].model):
             modules[name].reduce_range = True
+    for label in ONNX_ROWS if onnx else ():
+        store = work / f"store-{label.replace(' ', '-')}"
+        install(arts[label], store_dir=store, trusted_public_key=keys.public_pem)
+        t0 = time.perf_counter()
+        models[label] = load_installed(store, backend="onnxruntime", threads=args.threads)
+        load_s[label] = time.perf_counter() - t0
+        assert models[label].files == {"model": ONNX_ROWS[label][1]}
     int8_layers = len(int8_linear_names(models["int8"].model))
     assert models["int8"].compute == "int8-dynamic" and int8_layers > 0, "int8 artifact did not load as int8"
     assert models["fp32"].compute == "fp32" and models["int8 file, dequantized"].compute == "fp32"
@@ -220,6 +245,51 @@ def main() -> None:
                  oracle=oracle, lat=lat, fwd=fwd, t_all=time.perf_counter() - t_all)
 
 
+def ort_version() -> str:
+    import onnxruntime
+
+    return f"(onnxruntime {onnxruntime.__version__}, {onnxruntime.get_device()})"
+
+
+def four_formats(onnx, *, sizes, acc, quality, lat, fwd, models, n) -> list[str]:
+    """The issue #17 summary: each format against torch fp32, all measured in this run."""
+    if not onnx:
+        return []
+    rows = {"torch fp32": ("fp32", "model.safetensors"), "torch int8": ("int8", "model.int8.safetensors"),
+            **{k: (k, ONNX_ROWS[k][1]) for k in onnx}}
+    ref_size = sizes["fp32"]["model.safetensors"]
+    lines = [
+        "## Four formats side by side (issue #17 item 5): ratios against torch fp32, measured in this run",
+        "",
+        "| format | runtime, compute | model file | / fp32 | accuracy b1 / b16 | Δ points b1 / b16 "
+        "| predictions ≠ fp32 b1 / b16 | classify b1 ms | / fp32 | classify b16 ms | / fp32 "
+        "| forward b1 / b16, / fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, (key, file) in rows.items():
+        m = models[key]
+        size = sizes[key][file]
+        diff = [int((quality[b][key].argmax(1) != quality[b]["fp32"].argmax(1)).sum()) for b in BATCHES]
+        lines.append(
+            f"| {label} (`{file}`) | {m.backend}, {m.compute} | {human(size)} | {size / ref_size:.3f} | "
+            f"{acc[1][key]:.4f} / {acc[16][key]:.4f} | "
+            f"{100 * (acc[1][key] - acc[1]['fp32']):+.2f} / {100 * (acc[16][key] - acc[16]['fp32']):+.2f} | "
+            f"{diff[0]}/{n} / {diff[1]}/{n} | {lat[1][key] * 1000:.2f} | {lat[1][key] / lat[1]['fp32']:.2f} | "
+            f"{lat[16][key] * 1000:.2f} | {lat[16][key] / lat[16]['fp32']:.2f} | "
+            f"{fwd[1][key] / fwd[1]['fp32']:.2f} / {fwd[16][key] / fwd[16]['fp32']:.2f} |")
+    lines += [
+        "",
+        "ONNX rows: the device runtime's `onnxruntime` backend (`fedge.runtime.ort`; no torch, no transformers: "
+        "`tokenizers` from the artifact's tokenizer.json, one intra-op thread like torch's one thread). "
+        "`model.onnx` is the merged model exported by `torch.onnx.export(dynamo=True)`; `model.int8.onnx` is "
+        "ONNX Runtime's `quantize_dynamic` of it (QInt8 weights per tensor, uint8 activations quantized per call; "
+        "embeddings stay fp32). Torch int8 is the int8-rowwise safetensors file run as torch dynamic-quantized "
+        "Linear (per-row weight scales).",
+        "",
+    ]
+    return lines
+
+
 def write_report(args, *, names, n_train, gold, train_stats, sizes, build_s, load_s, models, int8_layers, quality,
                  oracle, lat, fwd, t_all) -> None:
     fp_file, q_file = sizes["fp32"]["model.safetensors"], sizes["int8"]["model.int8.safetensors"]
@@ -243,8 +313,10 @@ def write_report(args, *, names, n_train, gold, train_stats, sizes, build_s, loa
     def ok(good: bool) -> str:
         return "yes" if good else "**no**"
 
+    onnx = [k for k in ONNX_ROWS if k in models]
+    title = "torch fp32 / torch int8 / ONNX fp32 / ONNX int8" if onnx else "int8 vs fp32"
     lines = [
-        "# Export benchmark: MiniLM-L6 classifier (merged LoRA), int8 vs fp32",
+        f"# Export benchmark: MiniLM-L6 classifier (merged LoRA), {title}",
         "",
         f"Generated by `benchmarks/export_classifier_bench.py` on {time.strftime('%Y-%m-%d %H:%M')} "
         f"({platform.machine()}, {os.cpu_count()} cores shared with other work: timings are indicative, ratios "
@@ -255,9 +327,11 @@ def write_report(args, *, names, n_train, gold, train_stats, sizes, build_s, loa
         f"train loss {train_stats['loss']:.3f}) on {n_train} utterances of the classify scenario's corpus "
         f"(`chatterbot-language-id`, {len(names)} languages). Held-out: {n} other utterances (seeded permutation), "
         f"the same for every artifact. Every artifact is built by `build_artifact`, installed with signature "
-        f"and hash checks, and loaded by `fedge.runtime.infer.load_installed` (backend torch); quality and "
+        f"and hash checks, and loaded by `fedge.runtime.infer.load_installed` (backend torch"
+        f"{'; the ONNX files with backend onnxruntime ' + ort_version() if onnx else ''}); quality and "
         f"latency go through `LocalModel.classify`.",
         "",
+        *four_formats(onnx, sizes=sizes, acc=acc, quality=quality, lat=lat, fwd=fwd, models=models, n=n),
         "## Goals (issue #5): int8 merged artifact vs the fp32 merged artifact",
         "",
         "| measure | fp32 | int8 | int8 / fp32 or change | goal | met |",
@@ -311,10 +385,12 @@ def write_report(args, *, names, n_train, gold, train_stats, sizes, build_s, loa
         f"| merged fp32 | `model.safetensors` | {human(fp_file)} | {human(fp_all)} | 1.000 |",
         f"| merged int8 | `model.int8.safetensors` (int8-rowwise) | {human(q_file)} | {human(q_all)} | "
         f"{q_all / fp_all:.3f} |",
+        *[f"| merged {k} | `{ONNX_ROWS[k][1]}` | {human(sizes[k][ONNX_ROWS[k][1]])} | "
+          f"{human(sum(sizes[k].values()))} | {sum(sizes[k].values()) / fp_all:.3f} |" for k in onnx],
         f"| adapter (device keeps its MiniLM base) | `adapter_model.safetensors` | "
         f"{human(sizes['adapter']['adapter_model.safetensors'])} | {human(ad_all)} | {ad_all / fp_all:.3f} |",
         "",
-        f"Build time: fp32 {build_s['fp32']:.1f} s, int8 {build_s['int8']:.1f} s, adapter {build_s['adapter']:.1f} s.",
+        "Build time: " + ", ".join(f"{k} {v:.1f} s" for k, v in build_s.items()) + ".",
         "",
         "## Latency (`LocalModel.classify`, one call)",
         "",

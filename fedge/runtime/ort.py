@@ -58,6 +58,15 @@ class OrtClassifier:
         return [len(e.ids) for e in self._counter.encode_batch(texts)]
 
     def logits(self, texts: list[str]) -> np.ndarray:
+        """Tokenize, pad and run the graph: float32 (batch, num_labels)."""
+        return self.run(self.feed(texts))
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph alone on already tokenized inputs (:meth:`feed`)."""
+        return self.session.run(["logits"], feed)[0].astype(np.float32)
+
+    def feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """The graph's int64 inputs for ``texts``, padded on the right to the longest."""
         encs = self.tokenizer.encode_batch(texts)
         width = max(len(e.ids) for e in encs)
         arrays = {name: np.zeros((len(encs), width), np.int64) for name in ("input_ids", "attention_mask",
@@ -68,7 +77,7 @@ class OrtClassifier:
             arrays["input_ids"][i, :n] = e.ids
             arrays["attention_mask"][i, :n] = 1
             arrays["token_type_ids"][i, :n] = e.type_ids
-        return self.session.run(["logits"], {k: arrays[k] for k in self.inputs})[0].astype(np.float32)
+        return {k: arrays[k] for k in self.inputs}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
