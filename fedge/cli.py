@@ -580,14 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedge: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # known user-facing errors get one line, not a traceback
+        from fedge.runtime.store import StoreError
+
+        if isinstance(err, StoreError):  # before the imports below: a device without torch has none of them
+            print(f"fedge: {err}", file=sys.stderr)
+            return 2
         from fedge.data import DataError
         from fedge.deploy import DeployError
         from fedge.models import ModelLoadError
-        from fedge.runtime.store import StoreError
         from server.checkpoint import CheckpointError
         from strategies import StrategyError
 
-        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError, StoreError, DeployError)):
+        if isinstance(err, (DataError, ModelLoadError, StrategyError, CheckpointError, DeployError)):
             print(f"fedge: {err}", file=sys.stderr)
             return 2
         raise
