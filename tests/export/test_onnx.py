@@ -182,6 +182,14 @@ def test_infer_classifies_without_torch(onnx_store, backend):
     np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-6)
 
 
+def test_cli_store_error_without_torch_is_one_line(tmp_path):
+    # Execute: nothing installed, on a device without torch
+    out = subprocess.run([sys.executable, "-c", NO_TORCH, "infer", "--store", str(tmp_path / "empty"), "--text", "x"],
+                         capture_output=True, text=True, timeout=120, env=_no_torch_env(), cwd=REPO)
+    # Assert: the error handler itself imports no torch
+    assert out.returncode == 2 and "no model installed" in out.stderr and "Traceback" not in out.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
