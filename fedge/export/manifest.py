@@ -22,7 +22,9 @@ Fields (``format_version`` 1)::
                           gguf_sha256 = file hash of the base GGUF (llama.cpp adapter mode)
     adapter_config  dict  LoRA settings (peft_type, r, lora_alpha, target_modules, ...)
     quantization    dict  {file name: format}, e.g. {"model.Q8_0.gguf": "gguf-Q8_0",
-                          "model.int8.safetensors": "int8-rowwise", ...}
+                          "model.int8.safetensors": "int8-rowwise", "model.onnx": "onnx-fp32",
+                          "model.int8.onnx": "onnx-int8-dynamic", ...}; non-model files
+                          (tokenizer, config, the Ollama Modelfile) are in ``files`` only
     privacy         {epsilon, delta, accountant, unit} | null   (null: trained without DP)
     metrics         dict  final metrics (numbers; non-finite values become null)
     labels          list[str] | null   class names (classification)
