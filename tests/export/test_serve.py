@@ -302,3 +302,23 @@ def test_cli_refuses_a_network_bind_without_a_token(tmp_path, capsys, monkeypatc
     monkeypatch.delenv("FEDGE_SERVE_TOKEN", raising=False)
     rc = main(["serve", "--store", str(tmp_path / "store"), "--host", "0.0.0.0", "--port", "0"])
     assert rc == 2 and "--token" in capsys.readouterr().err
+
+
+def test_a_raising_on_text_stops_the_generation(chat_model):
+    """What the server does when a stream's client leaves: its callback raises at the next piece."""
+    from fedge.runtime import stream
+
+    # Prepare
+    seen = []
+
+    def on_text(piece):
+        seen.append(piece)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # any exception; this one no handler in between would swallow
+
+    pieces = []
+    stream.chat(chat_model, [{"role": "user", "content": "hello world"}], max_new_tokens=40, on_text=pieces.append)
+    # Execute / Assert: the exception leaves generate() at once; no third piece is decoded
+    with pytest.raises(KeyboardInterrupt):
+        stream.chat(chat_model, [{"role": "user", "content": "hello world"}], max_new_tokens=40, on_text=on_text)
+    assert len(seen) == 2 and len(pieces) > 2
