@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 from fedge import progress
+from fedge import protocol as P
 
 POLL_ENV = "FEDGE_GRID_POLL_S"
 DEFAULT_POLL_S = 0.2
@@ -37,13 +38,23 @@ def send_and_receive(grid, messages: Iterable[Message], *, timeout: float | None
     poll = poll_interval() if poll_s is None else poll_s
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
+    steps = 0
     while pending:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
         if got:
-            progress.publish(phase, len(replies), expected)
+            steps += sum(_local_steps(m) for m in got)
+            progress.publish(phase, len(replies), expected, steps=steps)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll)
     return replies
+
+
+def _local_steps(msg: Message) -> int:
+    """The local optimizer steps a reply reports it took (0 when it reports none)."""
+    if msg.has_error() or P.METRICS not in msg.content:
+        return 0
+    v = msg.content[P.METRICS].get(P.M_LOCAL_STEPS, 0)
+    return int(v) if isinstance(v, (int, float)) else 0

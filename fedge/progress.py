@@ -52,10 +52,12 @@ def withhold_counts(on: bool) -> None:
     _withhold = bool(on)
 
 
-def publish(phase: str, received: int, expected: int) -> None:
+def publish(phase: str, received: int, expected: int, *, steps: int = 0) -> None:
+    """``steps``: local optimizer steps the replies received so far report (sum over clients)."""
     if _withhold:
-        received = expected = 0  # the view then shows the phase and the clock only
-    event = {"phase": phase, "received": int(received), "expected": int(expected), "time": time.time()}
+        received = expected = steps = 0  # the view then shows the phase and the clock only
+    event = {"phase": phase, "received": int(received), "expected": int(expected), "steps": int(steps),
+             "time": time.time()}
     with _lock:
         listeners, path = list(_listeners), _file
     for fn in listeners:
@@ -104,7 +106,7 @@ class LiveView:
         self.round = start_round  # the round in progress (0: loading models, evaluating the base)
         self.round_t0 = self.t0
         self.durations: list[float] = []
-        self.phase, self.received, self.expected = "starting", 0, 0
+        self.phase, self.received, self.expected, self.steps = "starting", 0, 0, 0
         self._progress = self._task = self._unsubscribe = None
 
     # -- numbers -------------------------------------------------------------------
@@ -125,6 +127,12 @@ class LiveView:
             what = f"round {self.round}/{self.total}: {self.phase}"
         return f"{self.title + ' · ' if self.title else ''}{what}"
 
+    def replies(self) -> str:
+        """'3/10 replies · 42 local steps' (the steps the replies report; nothing under user-level DP)."""
+        if not self.expected:
+            return ""
+        return f"{self.received}/{self.expected} replies" + (f" · {self.steps} local steps" if self.steps else "")
+
     def clock(self) -> str:
         return f"elapsed {_hms(time.monotonic() - self.t0)} · ETA {_hms(self.eta())}"
 
@@ -132,6 +140,7 @@ class LiveView:
     def on_event(self, event: dict) -> None:
         self.phase = event.get("phase", self.phase)
         self.received, self.expected = int(event.get("received", 0)), int(event.get("expected", 0))
+        self.steps = int(event.get("steps", 0))
         self._refresh()
 
     def round_done(self, row: dict) -> None:
@@ -139,7 +148,7 @@ class LiveView:
         if row["round"] >= 1:
             self.durations.append(now - self.round_t0)
         self.round, self.round_t0 = int(row["round"]) + 1, now
-        self.phase, self.received, self.expected = "train", 0, 0
+        self.phase, self.received, self.expected, self.steps = "train", 0, 0, 0
         if self.print_rows and not self.quiet and self.format_row is not None:
             line = self.format_row(row)
             if self.live and self._progress is not None:
@@ -165,7 +174,7 @@ class LiveView:
 
             class _Replies(ProgressColumn):
                 def render(self, task):
-                    return Text(f"{view.received}/{view.expected} replies" if view.expected else "")
+                    return Text(view.replies())
 
             class _Clock(ProgressColumn):
                 def render(self, task):

@@ -106,7 +106,44 @@ def draw_plots(runs: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
         path = out_dir / f"{stem}.png"
         fig.savefig(path, metadata={"Software": None})
         drawn.append((title, path))
+    spread = _draw_client_spread(runs, out_dir)
+    if spread is not None:
+        drawn.append(spread)
     return drawn
+
+
+def _draw_client_spread(runs: list[dict], out_dir: Path) -> tuple[str, Path] | None:
+    """Local held-out accuracy (loss for causal LMs) across the evaluating clients per round:
+    the example-weighted mean, the middle half of the clients (q25–q75, shaded) and min/max (dotted)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    what = "accuracy" if _any(runs, "local_eval_accuracy_min") else "loss"
+    if not _any(runs, f"local_eval_{what}_min"):
+        return None
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        color, rows = f"C{i % 10}", [r for r in run["rows"] if r.get(f"local_eval_{what}_min") is not None]
+        x = [r["round"] for r in rows]
+        name = run["label"] if len(runs) > 1 else "clients"
+        ax.plot(x, [r[f"local_eval_{what}"] for r in rows], "-", color=color, marker="o", markersize=4,
+                label=f"{name}: mean")
+        ax.fill_between(x, [r[f"local_eval_{what}_q25"] for r in rows], [r[f"local_eval_{what}_q75"] for r in rows],
+                        color=color, alpha=0.25, label=f"{name}: middle half")
+        for q in ("min", "max"):
+            ax.plot(x, [r[f"local_eval_{what}_{q}"] for r in rows], ":", color=color,
+                    label=f"{name}: min / max" if q == "min" else None)
+    title = f"Local held-out {what} across clients"
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(what)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    path = out_dir / "client_spread.png"
+    fig.savefig(path, metadata={"Software": None})
+    return title, path
 
 
 def _f(v, spec=".4f") -> str:

@@ -42,6 +42,7 @@ from server import checkpoint
 from server.deploy import catch_up, linger
 from server.samples import answer_samples
 from server.secagg import SecAggParams, secure_train_round
+from strategies.base import SPREAD_NAMES
 
 log = logging.getLogger("fedge.server")
 
@@ -195,7 +196,8 @@ def privacy_columns(ledger: PrivacyLedger, cfg: fcfg.RunConfig) -> dict:
 # (who replied, who was rejected and why, unnoised losses and norms): withheld, not published.
 # (bytes per client stay: the size of one encoded adapter or delta, fixed by shapes and encoding.)
 PRIVATE_ROW_FIELDS = ("sampled", "accepted", "rejected", "failed", "updated", "train_loss", "local_eval_loss",
-                      "local_eval_accuracy", "bytes_up", "bytes_down", "delta_norm_mean")
+                      "local_eval_accuracy", "bytes_up", "bytes_down", "delta_norm_mean",
+                      *(f"local_eval_{w}_{q}" for w in ("loss", "accuracy") for q in SPREAD_NAMES))
 
 
 def publishable_row(row: dict, cfg: fcfg.RunConfig) -> dict:
@@ -373,6 +375,8 @@ def _run_rounds(grid: Grid, cfg: fcfg.RunConfig, run_dir: Path, tracker: Tracker
             **trained,
             "local_eval_loss": local.get(P.M_EVAL_LOSS) if local else None,
             "local_eval_accuracy": local.get(P.M_EVAL_ACC) if local else None,
+            **{f"local_eval_{what}_{q}": local.get(f"{key}-{q}") if local else None
+               for what, key in (("loss", P.M_EVAL_LOSS), ("accuracy", P.M_EVAL_ACC)) for q in SPREAD_NAMES},
             "central_loss": central["loss"] if evaluated else None,
             "central_accuracy": central.get("accuracy") if evaluated else None,
             **privacy_columns(ledger, cfg),

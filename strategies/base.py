@@ -32,6 +32,10 @@ from fedge.messaging import send_and_receive
 
 log = logging.getLogger("fedge.strategy")
 
+# Per-client spread of the local evaluation: metric keys "<eval key>-min", "-q25", "-q75", "-max".
+SPREAD_NAMES = ("min", "q25", "q75", "max")
+SPREAD_QUANTILES = (0.0, 0.25, 0.75, 1.0)
+
 
 @dataclass
 class ClientUpdate:
@@ -341,6 +345,10 @@ class DeltaStrategy(Strategy):
         w = np.array([r[P.M_NUM_EXAMPLES] for r in rows], np.float64)
         out = MetricRecord({P.M_EVAL_LOSS: float(np.average([r[P.M_EVAL_LOSS] for r in rows], weights=w)),
                             "clients": len(rows)})
-        if all(P.M_EVAL_ACC in r for r in rows):
+        keys = [P.M_EVAL_LOSS] + ([P.M_EVAL_ACC] if all(P.M_EVAL_ACC in r for r in rows) else [])
+        if P.M_EVAL_ACC in keys:
             out[P.M_EVAL_ACC] = float(np.average([r[P.M_EVAL_ACC] for r in rows], weights=w))
+        for key in keys:  # the spread across clients, each client counted once (not by examples)
+            q = np.quantile(np.array([r[key] for r in rows], np.float64), SPREAD_QUANTILES)
+            out.update({f"{key}-{name}": float(v) for name, v in zip(SPREAD_NAMES, q)})
         return out

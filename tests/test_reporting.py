@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedge import reporting
@@ -194,3 +195,51 @@ def test_the_page_renders_in_headless_chromium(tmp_path):
               or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
               or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
     assert not errors, errors
+
+
+def test_client_spread_is_the_quantiles_of_the_clients_and_is_plotted(tmp_path, flower_identity):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedge import protocol as P
+    from strategies import build
+
+    # Prepare: five evaluation replies with known accuracies (one failed reply is skipped), example counts 1..5
+    acc = [0.2, 0.9, 0.5, 0.4, 0.7]
+    strategy = build("fedavg", clients_per_round=2, evaluate_clients_per_round=5, min_replies=1)
+    asked = Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type="evaluate")
+    replies = [Message(RecordDict({P.METRICS: MetricRecord({P.M_NUM_EXAMPLES: i + 1, P.M_EVAL_LOSS: 1.0 - a,
+                                                            P.M_EVAL_ACC: a})}), reply_to=asked)
+               for i, a in enumerate(acc)]
+    # Execute
+    out = strategy.aggregate_evaluate(3, replies)
+    # Assert (oracle: numpy's linear quantiles over clients, unweighted; the mean stays example-weighted)
+    q = np.quantile(acc, [0, 0.25, 0.75, 1])
+    assert [out[f"{P.M_EVAL_ACC}-{n}"] for n in ("min", "q25", "q75", "max")] == pytest.approx(q)
+    assert out[P.M_EVAL_ACC] == pytest.approx(np.average(acc, weights=[1, 2, 3, 4, 5]))
+    assert out[f"{P.M_EVAL_LOSS}-max"] == pytest.approx(0.8)
+
+    # Prepare: rows carrying the spread; Execute: the report; Assert: the spread plot is drawn and embedded
+    rows = _rows(3, loss0=4.0, rate=0.5, dp=False)
+    for r in rows[1:]:
+        r.update(local_eval_accuracy=0.5 + 0.1 * r["round"], local_eval_accuracy_min=0.2,
+                 local_eval_accuracy_q25=0.4, local_eval_accuracy_q75=0.6 + 0.1 * r["round"],
+                 local_eval_accuracy_max=0.95)
+    run = _run(tmp_path / "run", rows)
+    report = reporting.write_run_report(run, _summary(rows), rows[1:]).read_text()
+    assert "(plots/client_spread.png)" in report
+    from matplotlib.image import imread
+
+    assert imread(run / "plots" / "client_spread.png").std() > 0
+
+
+def test_client_spread_is_withheld_under_user_level_dp():
+    from fedge import config as fcfg
+    from server.federation import publishable_row
+
+    # Prepare: a row with the spread, under user-level DP and without
+    row = {"round": 1, "local_eval_accuracy_min": 0.1, "local_eval_loss_max": 3.0, "central_accuracy": 0.5}
+    # Execute / Assert: withheld under user-level DP, kept otherwise
+    dp = publishable_row(row, fcfg.load("dp-user", []))
+    assert dp["local_eval_accuracy_min"] is None and dp["local_eval_loss_max"] is None
+    assert dp["central_accuracy"] == 0.5
+    assert publishable_row(row, fcfg.load("reuters", []))["local_eval_accuracy_min"] == 0.1

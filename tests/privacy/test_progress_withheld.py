@@ -18,7 +18,7 @@ def test_progress_events_carry_no_reply_counts_when_withheld(tmp_path):
         # Execute: one event with counts published, one withheld
         progress.publish("train", 7, 10)
         progress.withhold_counts(True)
-        progress.publish("train", 9, 10)
+        progress.publish("train", 9, 10, steps=36)
         on_disk = json.loads((tmp_path / "progress.json").read_text())
     finally:
         progress.withhold_counts(False)
@@ -27,4 +27,4 @@ def test_progress_events_carry_no_reply_counts_when_withheld(tmp_path):
     # Assert
     assert (seen[0]["received"], seen[0]["expected"]) == (7, 10)
     assert (seen[1]["received"], seen[1]["expected"]) == (0, 0)
-    assert (on_disk["received"], on_disk["expected"]) == (0, 0) and on_disk["phase"] == "train"
+    assert (on_disk["received"], on_disk["expected"], on_disk["steps"]) == (0, 0, 0) and on_disk["phase"] == "train"
