@@ -155,7 +155,7 @@ def cmd_audit(args) -> int:
     cfg = fcfg.load(args.scenario, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
     access = args.access or ("white" if args.level == "user" else "black")
-    canaries = args.canaries or (2000 if args.level == "user" else 256)
+    canaries = args.canaries or (2000 if access == "white" else 256)
     if not 0.5 <= args.confidence < 1:
         raise fcfg.ConfigError(f"--confidence must be in [0.5, 1), got {args.confidence}")
     try:
@@ -542,9 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--level", choices=["user", "record"], default="user",
                     help="user: canary clients through the server's DP aggregation; record: canary records in DP-SGD")
     sp.add_argument("--access", choices=["white", "black"],
-                    help="auditor's view (default: white for user level, black for record level)")
+                    help="auditor's view (default: white for user level, black for record level); record level, white "
+                    "box: gradient canaries, the auditor sees every noisy gradient")
     sp.add_argument("--canaries", type=int, help="number of canaries m, each included with probability 1/2 "
-                    "(default 2000 user level, 256 record level)")
+                    "(default 2000 white box, 256 black box)")
     sp.add_argument("--confidence", type=float, default=0.95, help="confidence of ε_lb (default %(default)s)")
     sp.add_argument("--seed", type=int, default=0, help="canary and inclusion seed (default %(default)s)")
     sp.add_argument("--mechanism", help="user level: audit this UserLevelDP-compatible class ('pkg.module:Class')")

@@ -29,6 +29,17 @@ m canary records (random tokens with a label no other record has), each in the
 client's training data with probability ½, trained by the real
 ``fedge.privacy.dpsgd.train_local_dp`` (or ``fedge.train.train_local`` without DP);
 score_j = logit margin of the canary label on canary j in the final model.
+
+Record level, white box (:func:`audit_record_level_white`). Gradient canaries ("Dirac
+canaries", Nasr et al. 2023, arXiv:2302.07956; the white-box setting of Steinke et al.
+2023): m canary records, each in the client's data with probability ½ (add/remove, as the
+Poisson-sampling accountant assumes), among background records, trained by the real
+``fedge.privacy.dpsgd.train_local_dp`` on a model whose per-example gradient is known
+(:func:`dirac_gradient_model`): canary j's gradient is G·u_j, u_j = ±e_{axis[j]} a random
+signed basis vector, G = 100 C (clipped to C u_j in every step it is sampled). The auditor
+sees every released gradient ḡ_t = (Σ_{i∈B_t} clip_C(g_i) + N(0, z²C² I)) / (qn) (white box)
+and scores score_j = Σ_t ⟨ḡ_t, u_j⟩. Included: (K_j C + z C √T N(0, 1)) / (qn),
+K_j ~ Bin(T, q); excluded: z C √T N(0, 1) / (qn).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import inspect
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -198,6 +210,107 @@ def audit_record_level(
             **A.summarize(scores, included, delta=delta, p=p)}
 
 
+# -- record level, white box --------------------------------------------------
+
+
+def dirac_gradient_model(vocab: int, *, gain: float):
+    """θ ∈ R^V (``Embedding(V, 1)``), the only parameter; a record has tokens t_1..t_L (mask μ_l)
+    and label y ∈ {0, 1}. Forward: a = G Σ_l μ_l θ[t_l], logits = (a − sg(a), 0), whose value is
+    (0, 0) whatever θ (sg: stop-gradient), so ℓ = log 2 and
+
+        ∇_θ ℓ = G (½ − [y = 0]) Σ_l μ_l e_{t_l}        (independent of θ)
+
+    A one-token record (t, y) has gradient ±(G/2) e_t: a Dirac canary. Opacus computes it
+    with its own Embedding per-sample-gradient hook like any other layer's.
+    """
+    import torch
+    from torch import nn
+
+    class DiracGradients(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.theta = nn.Embedding(vocab, 1)
+            nn.init.zeros_(self.theta.weight)
+
+        def forward(self, input_ids, attention_mask, position_ids=None):
+            h = (self.theta(input_ids).squeeze(-1) * attention_mask).sum(dim=1) * gain  # (B,)
+            a = h - h.detach()
+            return SimpleNamespace(logits=torch.stack([a, torch.zeros_like(a)], dim=1))
+
+    return DiracGradients()
+
+
+def audit_record_level_white(
+    *, canaries: int, target_epsilon: float | None, delta: float = 1e-5, background: int = 256, steps: int = 100,
+    sample_rate: float = 0.25, max_grad_norm: float = 1.0, accountant: str = "rdp", seed: int = 0,
+    max_physical_batch: int = 1024, p: float = A.DEFAULT_P,
+) -> dict:
+    """White-box record-level audit of DP-SGD with gradient canaries (module docstring).
+
+    Real: Poisson batches (``poisson_batches``), σ = z from ``calibrate_noise`` for (ε, δ, q, T),
+    Opacus' per-sample gradients, clipping, noise and the 1/(qn) of ``DPOptimizer``, the
+    accountant's ε, all via ``train_local_dp``. Constructed: the model (its gradients are the
+    canary directions) and the observer, an optimizer pre-step hook that adds up ḡ_t as the
+    optimizer (AdamW, post-processing) receives it. ``target_epsilon=None``: ``train_local``
+    without DP (mean of unclipped gradients over shuffled batches of qn), ε is None.
+    """
+    import torch
+    from opacus.optimizers import DPOptimizer
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fedge.privacy import dpsgd
+    from fedge.train import train_local
+
+    m = int(canaries)
+    if m < 2:
+        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    rng = np.random.default_rng(seed)
+    included = rng.random(m) < 0.5
+    axis = rng.permutation(m)  # canary j's coordinate: token 1 + axis[j] (0 is padding)
+    label = rng.integers(2, size=m)  # sign of u_j: +1 for y = 1, −1 for y = 0
+    sign = np.where(label == 1, 1.0, -1.0)
+    vocab = 1 + m + 64  # padding, one token per canary, 64 background tokens
+    data = [{"input_ids": rng.integers(1 + m, vocab, size=4).tolist(), "label": int(rng.integers(2))}
+            for _ in range(int(background))]
+    data += [{"input_ids": [1 + int(axis[j])], "label": int(label[j])} for j in np.flatnonzero(included)]
+    rng.shuffle(data)  # canaries are not identified by position
+    torch.manual_seed(seed)
+    model = dirac_gradient_model(vocab, gain=2 * _CANARY_SCALE * max_grad_norm)
+    theta = model.theta.weight
+    released = torch.zeros(vocab, dtype=torch.float64)
+
+    def observe(opt, args, kwargs) -> None:  # ḡ_t as the inner optimizer receives it
+        if not isinstance(opt, DPOptimizer) and any(q is theta for g in opt.param_groups for q in g["params"]):
+            released.add_(theta.grad.detach().double().squeeze(-1))
+
+    n, q = len(data), float(sample_rate)
+    task, t0 = "sequence-classification", time.perf_counter()
+    handle = register_optimizer_step_pre_hook(observe)
+    try:
+        if target_epsilon is None:
+            train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=max(1, round(q * n)), lr=1e-3,
+                        seed=seed)
+            eps, z = None, None
+        else:
+            z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q,
+                                      steps_per_round=steps, rounds=1, accountant=accountant)
+            metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=1e-3,
+                                              noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
+                                              accountant=accountant, max_physical_batch=max_physical_batch,
+                                              seed=seed)
+            eps = float(metrics["epsilon"])
+    finally:
+        handle.remove()
+    scores = sign * released.numpy()[1 + axis]  # Σ_t ⟨ḡ_t, u_j⟩
+    return {"level": "record", "access": "white", "epsilon": eps, "delta": float(delta), "canaries": m,
+            "noise_multiplier": z, "steps": int(steps), "sample_rate": q, "background": int(background),
+            "max_grad_norm": float(max_grad_norm),
+            "model": "Dirac gradient canaries: θ ∈ R^V, canary gradient ±100C·e_j (clipped to C)",
+            "score": "sum over steps of <released gradient, canary direction>", "seed": seed,
+            "seconds": time.perf_counter() - t0, "scores": scores.tolist(), "included": included.tolist(),
+            **A.summarize(scores, included, delta=delta, p=p)}
+
+
 # -- outputs -------------------------------------------------------------------
 
 
@@ -273,8 +386,9 @@ def write(result: dict, run_dir: Path) -> Path:
 def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0, mechanism: str | None = None,
                    p: float = A.DEFAULT_P) -> dict:
     """The audit a scenario's privacy settings call for (library form of ``fedge audit``)."""
-    if (level, access) not in (("user", "white"), ("record", "black")):
-        raise ValueError(f"--level {level} --access {access}: implemented are user/white and record/black")
+    if (level, access) not in (("user", "white"), ("record", "black"), ("record", "white")):
+        raise ValueError(f"--level {level} --access {access}: implemented are user/white, record/white and "
+                         "record/black")
     if level == "user":
         from server.federation import build_strategy
 
@@ -297,8 +411,9 @@ def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0
     dp = cfg.privacy.dp_sgd
     if dp.enabled and dp.target_epsilon is None:
         raise ValueError("privacy.dp_sgd: the record-level audit calibrates its own noise; give target_epsilon")
-    return audit_record_level(canaries=canaries, target_epsilon=dp.target_epsilon if dp.enabled else None,
-                              delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, seed=seed, p=p)
+    run = audit_record_level_white if access == "white" else audit_record_level
+    return run(canaries=canaries, target_epsilon=dp.target_epsilon if dp.enabled else None,
+               delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, seed=seed, p=p)
 
 
 def summary_line(result: dict) -> str:

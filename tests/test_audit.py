@@ -93,7 +93,7 @@ def test_bad_arguments_name_the_field(tmp_path):
         SA.audit_user_level(canaries=1, rounds=1, noise_multiplier=1.0, clip_norm=0.1, delta=DELTA)
     with pytest.raises(ValueError, match="mechanism"):
         SA.load_mechanism("no_colon_here")
-    assert cli.main(["audit", "classify", "--level", "record", "--access", "white", "--run-dir",
+    assert cli.main(["audit", "classify", "--level", "user", "--access", "black", "--run-dir",
                      str(tmp_path / "x")]) == 2
 
 
@@ -106,3 +106,57 @@ def test_record_level_black_box_dp_sgd_bounds_the_canaries():
     assert none["epsilon"] is None and none["auroc"] > 0.7
     assert dp["epsilon"] == pytest.approx(2.0, abs=0.05) and dp["epsilon_lb"] <= dp["epsilon"]
     assert np.isfinite(dp["scores"]).all()
+
+
+# -- record level, white box: gradient canaries through the real DP-SGD --------
+
+
+def _noise_off(monkeypatch):
+    """A broken DP-SGD: Opacus' noise draw returns zeros while the accountant still charges z."""
+    import torch
+
+    monkeypatch.setattr("opacus.optimizers.optimizer._generate_noise",
+                        lambda std, reference, generator=None, secure_mode=False: torch.zeros_like(reference))
+
+
+def test_record_white_dp_sgd_stays_below_its_epsilon():
+    # Prepare: 500 gradient canaries, 20 Poisson steps at q = 1/4, z calibrated for ε = 4.
+    kw = dict(canaries=500, steps=20, delta=DELTA, seed=0)
+    # Execute: the real train_local_dp (Opacus clipping, noise, 1/(qn); the rdp accountant).
+    got = SA.audit_record_level_white(target_epsilon=4.0, **kw)
+    # Assert: the accountant's ε is the target; the audit measures something, never more than ε.
+    assert got["epsilon"] == pytest.approx(4.0, abs=0.05) and got["access"] == "white"
+    assert 0.3 < got["epsilon_lb"] <= got["epsilon"] and not SA.violated(got)
+    assert 0.6 < got["auroc"] < 0.95
+
+
+def test_record_white_noise_off_gives_the_closed_form_scores(monkeypatch):
+    # Prepare: noise off, so score_j = K_j C / (qn) exactly (K_j: steps that sampled canary j).
+    _noise_off(monkeypatch)
+    m, steps, q, clip = 200, 20, 0.25, 0.5
+    # Execute
+    got = SA.audit_record_level_white(canaries=m, target_epsilon=1.0, steps=steps, sample_rate=q,
+                                      max_grad_norm=clip, background=64, delta=DELTA, seed=1)
+    # Assert: clipped to C (not the canary's 100 C) and divided by the expected batch qn:
+    # included scores are whole multiples of C/(qn) with mean ≈ qT, excluded ones are 0.
+    s, b = np.asarray(got["scores"]), np.asarray(got["included"])
+    unit = clip / (q * (64 + b.sum()))
+    k = s[b] / unit
+    assert np.allclose(k, np.round(k), atol=1e-3) and abs(k.mean() - q * steps) < 1.0
+    assert np.all(s[~b] == 0.0)
+    # ...and a claimed ε = 1 is flagged: every canary is seen, ε_lb is at the audit's ceiling.
+    assert SA.violated(got) and got["epsilon_lb"] > 3.0
+
+
+def test_cli_flags_dp_sgd_with_noise_off(tmp_path, monkeypatch):
+    # Prepare: DP-SGD with its noise draw broken, ε = 2 claimed by the scenario.
+    _noise_off(monkeypatch)
+    run = tmp_path / "run"
+    # Execute
+    rc = cli.main(["audit", "classify", "--level", "record", "--access", "white", "--canaries", "500",
+                   "--set", "privacy.dp_sgd.enabled=true", "--set", "privacy.dp_sgd.target_epsilon=2",
+                   "--run-dir", str(run)])
+    # Assert: non-zero exit, and audit.json / report.md say why.
+    doc = json.loads((run / "audit.json").read_text())["record-white"]
+    assert rc == 1 and doc["violated"] and doc["epsilon_lb"] > doc["epsilon"]
+    assert "privacy bug" in (run / "report.md").read_text()
