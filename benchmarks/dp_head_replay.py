@@ -6,9 +6,9 @@ frozen mean-pooled MiniLM-L6 features (the encoder and its LoRA left out), so th
 rates and privacy budgets can be swept side by side in one run:
 
 * the scenario's own split (``fedge.data.federated_split``: 10 Dirichlet branches, R8 test set);
-* per branch and step: Poisson sampling with q = B/n_i, per-example gradients of the linear
+* per branch and step (AdamW, or SGD with momentum: ``--head-optimizer``): Poisson sampling with q = B/n_i, per-example gradients of the linear
   head (closed form: x ⊗ (softmax - onehot), bias: softmax - onehot), clipping to C, the sum
-  plus N(0, σ²C²I), divided by the expected batch B; AdamW;
+  plus N(0, σ²C²I), divided by the expected batch B;
 * σ calibrated per branch by Opacus' RDP accountant for (ε, δ, q_i, steps × rounds), as the
   fedge client does (``fedge.privacy.dpsgd.calibrate_noise``);
 * FedAvg weighted by examples, the head starting where the fedge head starts (torch's
@@ -19,7 +19,7 @@ answers one question: how far the head alone gets under the same noise. With the
 lr 3e-3 it reproduces the measured fedge curve (dp_utility.md, 0.72 at round 8), so that
 curve was limited by the head's step size, not by the noise.
 
-Usage: python benchmarks/dp_head_replay.py [--lrs 3e-3,3e-2,1e-1] [--eps none,1,2,4,8]
+Usage: python benchmarks/dp_head_replay.py [--lrs 3e-3,3e-2,1e-1] [--eps none,1,2,4,8] [--head-optimizer sgd]
                                             [--set federation.num_rounds=12 ...]
                                             [--out benchmarks/results/dp_head_replay.md]
 """
@@ -60,8 +60,14 @@ def sigma(eps: float, delta: float, q: float, steps: int) -> float:
 
 
 def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, batch: int, steps: int, rounds: int,
-           clip: float, delta: float, seed: int, schedule: str = "constant") -> tuple[list[float], list[float]]:
-    """Accuracy on the test set after each round, and the σ of each branch."""
+           clip: float, delta: float, seed: int, schedule: str = "constant",
+           optimizer: str = "adamw") -> tuple[list[float], list[float]]:
+    """Accuracy on the test set after each round, and the σ of each branch.
+
+    ``optimizer``: the branch's local optimizer, fresh each round as in fedge: "adamw", or
+    "sgd" (momentum ``fedge.train.HEAD_MOMENTUM``, what ``train.head_optimizer: sgd`` runs)."""
+    from fedge.train import HEAD_MOMENTUM
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(xte.shape[1], classes)
@@ -75,7 +81,8 @@ def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, bat
         for (x, y), z, ni in zip(clients, zs, n):
             q = min(1.0, batch / len(y))
             lw, lb = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
-            opt = torch.optim.AdamW([lw, lb], lr=lr_r, weight_decay=0.0)
+            opt = (torch.optim.SGD([lw, lb], lr=lr_r, momentum=HEAD_MOMENTUM) if optimizer == "sgd"
+                   else torch.optim.AdamW([lw, lb], lr=lr_r, weight_decay=0.0))
             for _ in range(steps):
                 take = torch.rand(len(y), generator=g) < q
                 xs, ys = x[take], y[take]
@@ -107,6 +114,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate across rounds: constant, or cosine from lr down to 0 over the rounds")
+    p.add_argument("--head-optimizer", choices=["adamw", "sgd"], default=None,
+                   help="the head's local optimizer (default: the scenario's train.head_optimizer)")
     p.add_argument("--set", action="append", default=[], help="scenario override, e.g. federation.num_rounds=12")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dp_head_replay.md"))
     args = p.parse_args()
@@ -117,6 +126,7 @@ def main() -> int:
 
     cfg = fcfg.load(args.scenario, args.set)
     t, dp = cfg.train, cfg.privacy.dp_sgd
+    head_opt = args.head_optimizer or t.head_optimizer
     fd = federated_split(**data_args(cfg))
     classes = len(fd.label_names or ())
     base = models.load_base(cfg.model.source, task="sequence-classification", num_labels=classes, pooling="mean")
@@ -133,10 +143,11 @@ def main() -> int:
         f"# DP-SGD on the classifier head alone: offline replay of `{args.scenario}`"
         + (f" with {', '.join(args.set)}" if args.set else "")
         + (f", {args.schedule} learning rate across rounds" if args.schedule != "constant" else ""), "",
+        f"Head optimizer: {'SGD, momentum 0.9' if head_opt == 'sgd' else 'AdamW'}.", "",
         f"Produced by `benchmarks/dp_head_replay.py` on {platform.machine()}, {torch.get_num_threads()} threads. "
         f"Same split ({len(clients)} branches, {sum(len(y) for _, y in clients)} training documents, "
         f"{len(yte)} test documents), batch {t.batch_size} (Poisson, q = B/n per branch), {t.local_steps} "
-        f"steps × {cfg.federation.num_rounds} rounds, C = {dp.max_grad_norm}, δ = {dp.delta}, AdamW, "
+        f"steps × {cfg.federation.num_rounds} rounds, C = {dp.max_grad_norm}, δ = {dp.delta}, "
         "FedAvg by examples. Linear head on frozen mean-pooled MiniLM-L6 features "
         f"({cfg.model.max_length} tokens; features in {t_feat:.0f} s). The adapter is left out: this is a model of "
         "the fedge run, not the run (`dp_utility.md` has the runs).", "",
@@ -150,7 +161,8 @@ def main() -> int:
                 t1 = time.perf_counter()
                 curve, zs = replay(clients, xte, yte, classes=classes, lr=lr, eps=eps, batch=t.batch_size,
                                    steps=t.local_steps, rounds=cfg.federation.num_rounds, clip=dp.max_grad_norm,
-                                   delta=dp.delta, seed=seed, schedule=args.schedule)
+                                   delta=dp.delta, seed=seed, schedule=args.schedule,
+                                   optimizer=head_opt)
                 row = (f"| {lr:g} | {'∞' if eps is None else f'{eps:g}'} | {seed} | "
                        f"{' '.join(f'{a:.3f}' for a in curve)} | **{curve[-1]:.4f}** | "
                        f"{min(zs):.2f}–{max(zs):.2f} | {time.perf_counter() - t1:.0f} |")
