@@ -9,11 +9,13 @@ Rows (δ = 1e-5, 95% confidence, one-run bound of Steinke et al. 2023):
   real DP-SGD (``fedge.privacy.dpsgd``), no DP and ε ∈ {1, 4, 8};
 * record level, white box: gradient (Dirac) canaries through the real ``train_local_dp``
   (Poisson rate q = 1/4, 100 steps), the auditor sums every released noisy gradient,
-  no DP and ε ∈ {1, 4, 8}.
+  no DP and ε ∈ {1, 4, 8};
+* record level, black box, causal LM: "my pin is d₁ … d₆" secret canaries in a tiny Llama's
+  data (Carlini et al. 2019), trained by the real DP-SGD, no DP and ε 8.
 
 Writes benchmarks/results/audit.md, audit.csv and audit.png.
 Usage: nice -n 19 python benchmarks/audit_bench.py [--user-canaries 10000] [--record-canaries 256]
-       [--white-record-canaries 10000]  (about 3 CPU-minutes)
+       [--white-record-canaries 10000] [--lm-canaries 256]  (about 4 CPU-minutes)
 """
 
 from __future__ import annotations
@@ -112,6 +114,24 @@ def white_record_rows(m: int) -> list[dict]:
     return rows
 
 
+def lm_rows(m: int) -> list[dict]:
+    import torch
+
+    from simulations.audit import audit_record_level_lm
+
+    torch.set_num_threads(1)
+    rows = []
+    for eps in (None, 8.0):
+        t0 = time.perf_counter()
+        r = audit_record_level_lm(canaries=m, target_epsilon=eps, delta=DELTA, seed=0)
+        r["setting"] = f"{'no DP' if eps is None else f'DP-SGD, target ε {eps:g}'} (secret canaries, causal LM)"
+        r["series"] = "record level, black box, causal LM"
+        r["wall_s"] = time.perf_counter() - t0
+        rows.append(r)
+        print(_line(r), flush=True)
+    return rows
+
+
 def _line(r: dict) -> str:
     eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
     return f"{r['level']:>6} {r['access']:>5} | {r['setting']:<32} | ε {eps:>6} | ε_lb {r['epsilon_lb']:.3f} | " \
@@ -125,14 +145,17 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (level, access), mark in ((("user", "white"), "o"), (("record", "white"), "^"), (("record", "black"), "s")):
-        pts = [(r["epsilon"], r["epsilon_lb"]) for r in rows if r["level"] == level and r["access"] == access
-               and r["epsilon"] is not None]
-        ax.plot(*zip(*pts), mark + "-", label=f"{level} level, {access} box")
-        none = [r for r in rows if r["level"] == level and r["access"] == access and r["epsilon"] is None]
+    def series(r: dict) -> str:
+        return r.get("series", f"{r['level']} level, {r['access']} box")
+
+    for name, mark in (("user level, white box", "o"), ("record level, white box", "^"),
+                       ("record level, black box", "s"), ("record level, black box, causal LM", "D")):
+        pts = [(r["epsilon"], r["epsilon_lb"]) for r in rows if series(r) == name and r["epsilon"] is not None]
+        ax.plot(*zip(*pts), mark + "-", label=name)
+        none = [r for r in rows if series(r) == name and r["epsilon"] is None]
         for r in none:
             ax.axhline(r["epsilon_lb"], ls=":", color=ax.lines[-1].get_color(), lw=1)
-            ax.annotate(f"no DP: ε_lb {r['epsilon_lb']:.2f}", (0.3, r["epsilon_lb"]), fontsize=8, va="bottom")
+            ax.annotate(f"no DP: ε_lb {r['epsilon_lb']:.2f}", (8.9, r["epsilon_lb"]), fontsize=8, va="bottom", ha="right")
     ax.plot([0, 9], [0, 9], "k--", lw=1, label="ε_lb = ε (a correct mechanism stays below)")
     ax.plot([0, 9], [0, 0.45 * 9], color="grey", lw=1, label="ε_lb = 0.45 ε (Steinke et al.'s ratio)")
     ax.set_xlim(0, 9)
@@ -150,13 +173,14 @@ def main() -> int:
     ap.add_argument("--user-canaries", type=int, default=10000)
     ap.add_argument("--record-canaries", type=int, default=256)
     ap.add_argument("--white-record-canaries", type=int, default=10000)
+    ap.add_argument("--lm-canaries", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "audit.md"))
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
     rows = user_rows(args.user_canaries) + record_rows(args.record_canaries) \
-        + white_record_rows(args.white_record_canaries)
+        + white_record_rows(args.white_record_canaries) + lm_rows(args.lm_canaries)
     cpu = time.process_time() - t0
     cols = ["setting", "level", "access", "epsilon", "epsilon_lb", "canaries", "delta", "confidence", "r", "v",
             "auroc", "tpr_at_fpr", "exposure_mean", "ceiling", "ideal_ratio", "noise_multiplier", "wall_s"]
@@ -217,8 +241,18 @@ def main() -> int:
                   f"ε {r['epsilon']:.0f}: " + ", ".join(f"{x:.2f}" for x in r["seed_ratios"])
                   for r in rows if "seed_ratios" in r) + ".",
               "- Record level, black box: a tiny BERT (random weights, LoRA r = 8) memorises random canary records "
-              "only weakly in 300 steps, so the black-box bounds are far from ε; causal-LM canaries are not "
-              "measured here."]
+              "only weakly in 300 steps, so the black-box bounds are far from ε.",
+              "- Record level, black box, causal LM (`audit_record_level_lm`, Carlini et al. 2019): secret "
+              "canaries \"my pin is d₁ … d₆\" (six uniform digits, one template) among 64 random-token records, a "
+              "tiny Llama (the test model's shape: 2 layers, hidden 32, random weights) with LoRA r = 16 on every "
+              "linear layer, 600 steps at q = 1/4 (AdamW, lr 3e-3); score = log p(secret | template). Exposure "
+              "of the included secrets among 2000 fresh ones (log₂ 2001 = 11.0 bits at most; ≈ 1.4 is what no "
+              "memorisation gives): " + "; ".join(
+                  f"{r['setting'].split(' (')[0]}: mean {r['exposure_references']['mean']:.1f}, median "
+                  f"{r['exposure_references']['median']:.1f} bits" for r in rows if "exposure_references" in r)
+              + ". Without DP the secrets are memorised and ε_lb reaches the most 256 canaries allow; DP-SGD "
+              "at ε 8 erases the signal, so this black-box attack shows nothing about how tight ε is (only the "
+              "white-box rows do)."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')} ({cpu / 60:.1f} CPU-min)")
     return 0

@@ -30,6 +30,14 @@ client's training data with probability ½, trained by the real
 ``fedge.privacy.dpsgd.train_local_dp`` (or ``fedge.train.train_local`` without DP);
 score_j = logit margin of the canary label on canary j in the final model.
 
+Record level, black box, causal LM (:func:`audit_record_level_lm`; Carlini et al. 2019).
+A tiny seeded Llama (the test model's shape: 2 layers, hidden 32, random weights; token ids,
+no tokenizer) with LoRA on every linear layer; m canary records "my pin is d₁ … d₆", the
+six digits uniform at random, each in the training data with probability ½ among
+random-token background records; trained by the real ``train_local_dp`` (or
+``train_local``). score_j = log p(d₁ … d₆ | "my pin is") under the final model; exposure
+of an included secret = log₂(|R| + 1) − log₂ rank among |R| fresh secrets never trained on.
+
 Record level, white box (:func:`audit_record_level_white`). Gradient canaries ("Dirac
 canaries", Nasr et al. 2023, arXiv:2302.07956; the white-box setting of Steinke et al.
 2023): m canary records, each in the client's data with probability ½ (add/remove, as the
@@ -210,6 +218,101 @@ def audit_record_level(
             **A.summarize(scores, included, delta=delta, p=p)}
 
 
+# -- record level, black box, causal LM ---------------------------------------
+
+_BOS, _DIGIT0, _TEMPLATE = 1, 2, (12, 13, 14)  # token ids: BOS, digits 0..9 at 2..11, "my pin is"
+_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama(*, seed: int, r: int = 16):
+    """A seeded 2-layer Llama (hidden 32, vocabulary _VOCAB, random weights), LoRA r on every linear layer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedge.models import add_lora
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=_BOS, eos_token_id=_BOS, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return add_lora(model, task="causal-lm", r=r, alpha=2 * r, dropout=0.0, target_modules=list(_LM_TARGETS),
+                    seed=seed)
+
+
+def _secret_record(digits) -> dict:
+    ids = [_BOS, *_TEMPLATE, *(_DIGIT0 + int(d) for d in digits)]
+    return {"input_ids": ids, "labels": ids}
+
+
+def secret_log_likelihood(model, secrets: np.ndarray, *, batch: int = 512) -> np.ndarray:
+    """log p(d₁ … d₆ | BOS "my pin is") = Σ_k log p(d_k | template, d_<k) for each row of ``secrets``."""
+    import torch
+
+    from fedge.data.tokenize import collate
+
+    start = 1 + len(_TEMPLATE)  # position of d₁
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(secrets), batch):
+            b = collate([_secret_record(s) for s in secrets[i:i + batch]], task="causal-lm", pad_id=0)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logp = torch.log_softmax(logits[:, start - 1:-1].double(), dim=-1)
+            out.append(logp.gather(-1, b["input_ids"][:, start:, None]).squeeze(-1).sum(dim=1).numpy())
+    return np.concatenate(out)
+
+
+def audit_record_level_lm(
+    *, canaries: int, target_epsilon: float | None, delta: float = 1e-5, background: int = 64, steps: int = 600,
+    sample_rate: float = 0.25, lr: float = 3e-3, max_grad_norm: float = 1.0, references: int = 2000,
+    accountant: str = "rdp", seed: int = 0, p: float = A.DEFAULT_P,
+) -> dict:
+    """Black-box causal-LM audit with secret canaries (module docstring; Carlini et al. 2019).
+
+    ``target_epsilon=None``: ``train_local`` without DP on batches of q·n, ε is None.
+    """
+    from fedge.privacy import dpsgd
+    from fedge.train import train_local
+
+    m = int(canaries)
+    if m < 2:
+        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    rng = np.random.default_rng(seed)
+    secrets = rng.integers(10, size=(m, 6))
+    included = rng.random(m) < 0.5
+    data = [{"input_ids": (ids := [_BOS, *rng.integers(15, _VOCAB, size=9).tolist()]), "labels": ids}
+            for _ in range(int(background))]
+    data += [_secret_record(s) for s in secrets[included]]
+    rng.shuffle(data)
+    model = tiny_llama(seed=seed)
+    n, q, task, t0 = len(data), float(sample_rate), "causal-lm", time.perf_counter()
+    if target_epsilon is None:
+        train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=max(1, round(q * n)), lr=lr, seed=seed)
+        eps, z = None, None
+    else:
+        z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps_per_round=steps,
+                                  rounds=1, accountant=accountant)
+        metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=lr,
+                                          noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
+                                          accountant=accountant, seed=seed)
+        eps = float(metrics["epsilon"])
+    scores = secret_log_likelihood(model, secrets)
+    fresh = secret_log_likelihood(model, rng.integers(10, size=(int(references), 6)))  # never trained on
+    exp_in = A.exposure(scores[included], fresh)
+    return {"level": "record", "access": "black", "epsilon": eps, "delta": float(delta), "canaries": m,
+            "noise_multiplier": z, "steps": int(steps), "sample_rate": q, "background": int(background),
+            "model": "tiny Llama (2 layers, hidden 32, random weights), LoRA r=16 on every linear layer",
+            "score": "log-likelihood of the secret after 'my pin is'", "seed": seed,
+            "seconds": time.perf_counter() - t0, "scores": scores.tolist(), "included": included.tolist(),
+            "exposure_references": {"candidates": int(references), "max_bits": float(np.log2(references + 1)),
+                                    "mean": float(exp_in.mean()), "median": float(np.median(exp_in)),
+                                    "max": float(exp_in.max())},
+            **A.summarize(scores, included, delta=delta, p=p)}
+
+
 # -- record level, white box --------------------------------------------------
 
 
@@ -357,7 +460,10 @@ def report_lines(result: dict) -> list[str]:
         f"{result['auroc']:.3f} | {result['tpr_at_fpr']:.3f} | {ex['mean']:.2f} / {ex['max']:.2f} |", "",
         verdict + f". Score: {result['score']}. Ceiling of this audit (all guesses right): "
         f"ε_lb ≤ {result['ceiling']:.2f}." + (f" Scenario ε (with client sampling): {result['epsilon_scenario']:.3f}."
-                                              if result.get("epsilon_scenario") is not None else ""), "",
+                                              if result.get("epsilon_scenario") is not None else "")
+        + (f" Exposure of the included secrets among {xr['candidates']} fresh ones: mean {xr['mean']:.2f}, "
+           f"max {xr['max']:.2f} of {xr['max_bits']:.2f} bits." if (xr := result.get("exposure_references")) else ""),
+        "",
         f"![canary scores]({result['plot']})", "",
     ]
 
@@ -411,7 +517,10 @@ def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0
     dp = cfg.privacy.dp_sgd
     if dp.enabled and dp.target_epsilon is None:
         raise ValueError("privacy.dp_sgd: the record-level audit calibrates its own noise; give target_epsilon")
-    run = audit_record_level_white if access == "white" else audit_record_level
+    if access == "white":
+        run = audit_record_level_white
+    else:  # secrets in a template for a language model, a rare label for a classifier
+        run = audit_record_level_lm if cfg.model.task == "causal-lm" else audit_record_level
     return run(canaries=canaries, target_epsilon=dp.target_epsilon if dp.enabled else None,
                delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, seed=seed, p=p)
 

@@ -160,3 +160,44 @@ def test_cli_flags_dp_sgd_with_noise_off(tmp_path, monkeypatch):
     doc = json.loads((run / "audit.json").read_text())["record-white"]
     assert rc == 1 and doc["violated"] and doc["epsilon_lb"] > doc["epsilon"]
     assert "privacy bug" in (run / "report.md").read_text()
+
+
+# -- record level, black box, causal LM: secret canaries ----------------------
+
+
+def test_secret_log_likelihood_matches_the_training_loss():
+    # Prepare: the tiny Llama and three secrets; the oracle is fedge.train.per_example_loss with
+    # labels only on the six digits (its per-token mean loss times 6 is −log p(secret | template)).
+    import torch
+
+    from fedge.data.tokenize import IGNORE, collate
+    from fedge.train import per_example_loss
+
+    model = SA.tiny_llama(seed=0)
+    with torch.no_grad():  # LoRA B starts at 0: move it so the adapter takes part
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0.0, 0.5)
+    secrets = np.array([[4, 9, 3, 0, 2, 7], [0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
+    records = [SA._secret_record(x) for x in secrets]
+    for rec in records:
+        rec["labels"] = [IGNORE] * 4 + rec["input_ids"][4:]
+    # Execute
+    got = SA.secret_log_likelihood(model, secrets)
+    with torch.no_grad():
+        loss = per_example_loss(model, collate(records, task="causal-lm", pad_id=0), task="causal-lm")
+    # Assert
+    assert got.shape == (3,) and np.allclose(got, -6.0 * loss.double().numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_causal_lm_secrets_are_memorised_without_dp_and_not_with_it():
+    # Prepare / Execute: 256 secret canaries, 600 steps, real DP-SGD at ε = 8 against no DP.
+    kw = dict(canaries=256, seed=0)
+    none = SA.audit_record_level_lm(target_epsilon=None, **kw)
+    dp = SA.audit_record_level_lm(target_epsilon=8.0, **kw)
+    # Assert: without DP the included secrets rank near the top of 2000 fresh ones (Carlini
+    # exposure close to its log₂ 2001 ≈ 11 bits); with DP-SGD they do not, and ε_lb ≤ ε.
+    assert none["auroc"] > 0.95 and none["exposure_references"]["mean"] > 8.0 and none["epsilon_lb"] > 3.0
+    assert dp["epsilon"] == pytest.approx(8.0, abs=0.05) and dp["epsilon_lb"] <= dp["epsilon"]
+    assert dp["exposure_references"]["mean"] < 3.0
