@@ -146,6 +146,27 @@ def audit_user_level(
 _VOCAB, _LEN, _LABELS = 400, 8, 4  # canary label = _LABELS - 1, no background record has it
 
 
+def _train(model, data: list[dict], *, task: str, steps: int, batch_size: int, sample_rate: float, lr: float,
+           target_epsilon: float | None, delta: float, max_grad_norm: float, accountant: str,
+           seed: int) -> tuple[float | None, float | None]:
+    """Train ``model`` on ``data``: without DP (``train_local``, batches of ``batch_size``) when
+    ``target_epsilon`` is None, else real DP-SGD with Poisson rate q = ``sample_rate`` and σ
+    calibrated for (ε, δ, q, steps). Returns (ε spent, σ), both None without DP."""
+    from fedge.privacy import dpsgd
+    from fedge.train import train_local
+
+    if target_epsilon is None:
+        train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        return None, None
+    q = float(sample_rate)
+    z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps_per_round=steps,
+                              rounds=1, accountant=accountant)
+    metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=lr,
+                                      noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
+                                      accountant=accountant, seed=seed)
+    return float(metrics["epsilon"]), z
+
+
 def tiny_classifier(*, seed: int, r: int = 8):
     """A seeded tiny BERT classifier (random weights from a config) with LoRA on query/value."""
     import torch
@@ -180,8 +201,6 @@ def audit_record_level(
     """
     import torch
 
-    from fedge.privacy import dpsgd
-    from fedge.train import train_local
 
     m = int(canaries)
     if m < 2:
@@ -193,17 +212,9 @@ def audit_record_level(
     model = tiny_classifier(seed=seed)
     t0 = time.perf_counter()
     task = "sequence-classification"
-    if target_epsilon is None:
-        train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-        eps, z = None, None
-    else:
-        q = min(1.0, batch_size / len(data))
-        z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps_per_round=steps,
-                                  rounds=1, accountant=accountant)
-        metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=lr,
-                                          noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
-                                          accountant=accountant, seed=seed)
-        eps = float(metrics["epsilon"])
+    eps, z = _train(model, data, task=task, steps=steps, batch_size=batch_size,
+                    sample_rate=min(1.0, batch_size / len(data)), lr=lr, target_epsilon=target_epsilon, delta=delta,
+                    max_grad_norm=max_grad_norm, accountant=accountant, seed=seed)
     from fedge.data.tokenize import collate
 
     with torch.no_grad():
@@ -274,8 +285,6 @@ def audit_record_level_lm(
 
     ``target_epsilon=None``: ``train_local`` without DP on batches of q·n, ε is None.
     """
-    from fedge.privacy import dpsgd
-    from fedge.train import train_local
 
     m = int(canaries)
     if m < 2:
@@ -289,16 +298,9 @@ def audit_record_level_lm(
     rng.shuffle(data)
     model = tiny_llama(seed=seed)
     n, q, task, t0 = len(data), float(sample_rate), "causal-lm", time.perf_counter()
-    if target_epsilon is None:
-        train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=max(1, round(q * n)), lr=lr, seed=seed)
-        eps, z = None, None
-    else:
-        z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps_per_round=steps,
-                                  rounds=1, accountant=accountant)
-        metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=lr,
-                                          noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
-                                          accountant=accountant, seed=seed)
-        eps = float(metrics["epsilon"])
+    eps, z = _train(model, data, task=task, steps=steps, batch_size=max(1, round(q * n)), sample_rate=q, lr=lr,
+                    target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm, accountant=accountant,
+                    seed=seed)
     scores = secret_log_likelihood(model, secrets)
     fresh = secret_log_likelihood(model, rng.integers(10, size=(int(references), 6)))  # never trained on
     exp_in = A.exposure(scores[included], fresh)
