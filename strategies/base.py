@@ -20,9 +20,18 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -61,7 +70,7 @@ class RoundReport:
     train_loss: float | None = None
     delta_norms: list[float] = field(default_factory=list)
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # client name -> reply metrics
-    secure: dict | None = None  # secure aggregation: survivors, dropouts, threshold, overhead bytes
+    secure: dict[str, int | str] | None = None  # secure aggregation: survivors, dropouts, threshold, overhead bytes
 
 
 class NotEnoughNodes(RuntimeError):
@@ -138,9 +147,10 @@ class DeltaStrategy(Strategy):
 
     def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
         """Names and shapes a client's delta must have (default: those of A_t)."""
+        assert self.current is not None, "configure_train sets A_t first"
         return {k: v.shape for k, v in self.current.items()}
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         """Extra keys this algorithm sends to clients in the train config (e.g. FedProx μ)."""
         return {}
 
@@ -174,7 +184,8 @@ class DeltaStrategy(Strategy):
             if not reply.has_error() and P.IDENTITY in reply.content:
                 ident = reply.content[P.IDENTITY]
                 self.identities[node] = str(ident.get(P.ID_CLIENT, node))
-                self.installed[node] = int(ident.get(P.ID_INSTALLED, 0))
+                # An int by protocol (ConfigRecord values are a union); int() checks it at run time.
+                self.installed[node] = int(cast(int, ident.get(P.ID_INSTALLED, 0)))
 
     def client_name(self, node: int) -> str:
         return self.identities.get(node, f"node-{node}")
@@ -279,6 +290,7 @@ class DeltaStrategy(Strategy):
             log.warning("round %d: secure aggregate rejected: %s: global adapter kept", server_round, err)
             return None, metrics
         rep.delta_norms = [deltas.l2_norm(step)]
+        assert self.current is not None, "configure_train sets A_t first"
         self.current = self.server_update(self.current, step)
         rep.updated = True
         return deltas.to_record(self.current), metrics
@@ -336,7 +348,7 @@ class DeltaStrategy(Strategy):
                 log.warning("round %d: evaluation failed on node %d: %s", server_round,
                             msg.metadata.src_node_id, msg.error.reason if msg.has_error() else "no metrics")
                 continue
-            m = msg.content[P.METRICS]
+            m = cast(MetricRecord, msg.content[P.METRICS])  # the reply's metrics record (fedge.protocol)
             n = m.get(P.M_NUM_EXAMPLES, 0)
             if isinstance(n, (int, float)) and n > 0 and np.isfinite(m.get(P.M_EVAL_LOSS, np.nan)):
                 rows.append(m)

@@ -19,6 +19,8 @@ any number of examples).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from strategies.base import DeltaStrategy
@@ -41,7 +43,7 @@ class Bulyan(DeltaStrategy):
     paper = "El Mhamdi et al. 2018, arXiv:1802.07927"
     weighted = False
 
-    def __init__(self, *, f: int = 1, **base) -> None:
+    def __init__(self, *, f: int = 1, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         self.f = tolerate(self, f, 4)
 

@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message, MetricRecord
+from flwr.serverapp import Grid
 
 from fedge import deltas
 from fedge import protocol as P
@@ -159,7 +161,7 @@ class UserLevelDP(DeltaStrategy):
 
     # -- delegated to the inner strategy -------------------------------------------
 
-    def sample(self, grid, server_round: int, k: int, purpose: int) -> list[int]:
+    def sample(self, grid: Grid, server_round: int, k: int, purpose: int) -> list[int]:
         """Evaluation (purpose 1): the inner, seeded sampler. Training (purpose 0): a secret
         cohort, Poisson (each node with q = k/N) or exactly k of N, from OS entropy."""
         if purpose != 0:
@@ -190,10 +192,10 @@ class UserLevelDP(DeltaStrategy):
         return RoundReleased(round=server_round, noise_multiplier=self.noise_multiplier, clients_per_round=m,
                              num_clients=max(self._num_nodes, m), sampling=self.sampling, clip_norm=self.clip_norm)
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {**self.inner.round_config(server_round), CFG_CLIP_NORM: float(self.clip_norm)}
 
-    def server_update(self, current, aggregate):
+    def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.inner.server_update(current, aggregate)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -219,7 +221,8 @@ class UserLevelDP(DeltaStrategy):
 
     # -- the private round ------------------------------------------------------------
 
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         self._round, self._bits, self.last_event = server_round, [], None
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -271,7 +274,8 @@ class UserLevelDP(DeltaStrategy):
                                                     target_quantile=self.target_quantile, lr=self.clip_lr)
         return noised
 
-    def secure_step(self, weighted_sum, *, weight_sum, unclipped_sum, accepted):
+    def secure_step(self, weighted_sum: dict[str, np.ndarray], *, weight_sum: float, unclipped_sum: float,
+                    accepted: int) -> dict[str, np.ndarray]:
         """Under secure aggregation the server sees only Σ Δ_i (weights are 1): the clients' own
         clipping to S is what bounds the sensitivity (it cannot be re-checked here), and the
         adaptive-clipping bits arrive as their sum."""
@@ -284,12 +288,14 @@ class UserLevelDP(DeltaStrategy):
         deltas.validate_values(weighted_sum, max_norm=None)
         return self._release(weighted_sum, [1.0] * ones + [0.0] * (accepted - ones))
 
-    def aggregate_secure(self, server_round, weighted_sum, **sums):
+    def aggregate_secure(self, server_round: int, weighted_sum: dict[str, np.ndarray],
+                         **sums: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:  # sums: typed by the base
         arrays, metrics = super().aggregate_secure(server_round, weighted_sum, **sums)
         self._noise_metrics(metrics)
         return arrays, metrics
 
-    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         self._noise_metrics(metrics)
         return arrays, metrics

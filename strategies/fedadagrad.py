@@ -11,7 +11,10 @@ v only grows, so the per-coordinate step shrinks over the rounds. The default
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from strategies.fedopt import FedOpt
 from strategies.registry import register
@@ -27,8 +30,8 @@ class FedAdagrad(FedOpt):
     name = "fedadagrad"
     paper = "Reddi et al. 2021, arXiv:2003.00295"
 
-    def __init__(self, *, beta_1: float = 0.0, **kw) -> None:
+    def __init__(self, *, beta_1: float = 0.0, **kw: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(beta_1=beta_1, **kw)
 
-    def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    def second_moment(self, v: NDArray[np.float64], d2: NDArray[np.float64]) -> NDArray[np.float64]:
         return v + d2

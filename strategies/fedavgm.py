@@ -14,6 +14,8 @@ is η / (1 − β) times the mean delta (10x for the default β = 0.9).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fedge import deltas
@@ -34,7 +36,8 @@ class FedAvgM(FedAvg):
     name = "fedavgm"
     paper = "Hsu et al. 2019, arXiv:1909.06335"
 
-    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9, **base) -> None:
+    # **base: forwarded to the base __init__, typed there
+    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9, **base: Any) -> None:
         super().__init__(**base)
         if not (np.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be a positive number, got {server_lr!r}")

@@ -19,7 +19,10 @@ same when clients hold equal amounts of data).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from fedge import deltas
 from strategies.base import DeltaStrategy
@@ -41,7 +44,8 @@ class FedOpt(DeltaStrategy):
     tau : τ > 0, adaptivity; v starts at τ² and τ guards the division.
     """
 
-    def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.9, tau: float = 1e-3, **base) -> None:
+    # **base: forwarded to the base __init__, typed there
+    def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.9, tau: float = 1e-3, **base: Any) -> None:
         super().__init__(**base)
         if not (np.isfinite(eta) and eta > 0):
             raise ValueError(f"eta must be a positive number, got {eta!r}")
@@ -51,7 +55,7 @@ class FedOpt(DeltaStrategy):
         self.m: dict[str, np.ndarray] | None = None  # None before the first round
         self.v: dict[str, np.ndarray] | None = None
 
-    def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    def second_moment(self, v: NDArray[np.float64], d2: NDArray[np.float64]) -> NDArray[np.float64]:
         """v_t from v_{t-1} and Δ_t² (the one line that differs between the three)."""
         raise NotImplementedError
 
@@ -71,6 +75,7 @@ class FedOpt(DeltaStrategy):
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.m is None:
             return {}
+        assert self.v is not None  # m and v are set together
         return {**{f"m/{k}": a.copy() for k, a in self.m.items()}, **{f"v/{k}": a.copy() for k, a in self.v.items()}}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

@@ -13,7 +13,10 @@ A_{t+1} = A_t + Σ_i w_i Δ_i. The server only sends μ in the round config.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from flwr.app import ConfigRecordValues
 
 # Round-config key carrying μ (same name as Flower's FedProx); belongs in fedge.protocol.
 from fedge.protocol import CFG_PROXIMAL_MU
@@ -33,11 +36,11 @@ class FedProx(FedAvg):
     name = "fedprox"
     paper = "Li et al. 2020, arXiv:1812.06127"
 
-    def __init__(self, *, mu: float = 0.01, **base) -> None:
+    def __init__(self, *, mu: float = 0.01, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         if not (np.isfinite(mu) and mu >= 0):
             raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
         self.mu = float(mu)
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {CFG_PROXIMAL_MU: self.mu}

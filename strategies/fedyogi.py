@@ -11,7 +11,10 @@ Adam's; it stays positive (v_t ≥ β₂ v_{t-1} > 0 since v_{-1} = τ²).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from strategies.fedopt import FedOpt, check_beta
 from strategies.registry import register
@@ -27,9 +30,9 @@ class FedYogi(FedOpt):
     name = "fedyogi"
     paper = "Reddi et al. 2021, arXiv:2003.00295"
 
-    def __init__(self, *, beta_2: float = 0.99, **kw) -> None:
+    def __init__(self, *, beta_2: float = 0.99, **kw: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**kw)
         self.beta_2 = check_beta("beta_2", beta_2)
 
-    def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    def second_moment(self, v: NDArray[np.float64], d2: NDArray[np.float64]) -> NDArray[np.float64]:
         return v - (1 - self.beta_2) * d2 * np.sign(v - d2)

@@ -24,7 +24,7 @@ lora_A for the round and leaves it out of the reply. Linear LoRA layers only
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ConfigRecordValues, Message
 
 from fedge import deltas
 from fedge import protocol as P
@@ -40,10 +40,11 @@ class FFALoRA(DeltaStrategy):
     name = "ffa-lora"
     paper = "Sun et al. 2024, arXiv:2403.12313"
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {P.CFG_FREEZE_A: True}
 
     def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
+        assert self.current is not None, "configure_train sets A_t first"
         return {k: np.shape(v) for k, v in self.current.items() if not is_lora_a(k)}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:

@@ -32,8 +32,11 @@ key: clients evaluate the full-rank global adapter.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message
 from flwr.serverapp import Grid
 
 from fedge import deltas
@@ -74,7 +77,7 @@ class HetLoRA(DeltaStrategy):
     user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Cho et al. 2024, arXiv:2401.06432"
 
-    def __init__(self, *, ranks: list[int] | None = None, **base) -> None:
+    def __init__(self, *, ranks: list[int] | None = None, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         if ranks is not None:
             if not ranks or any(not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1 for r in ranks):
@@ -82,11 +85,13 @@ class HetLoRA(DeltaStrategy):
             ranks = [int(r) for r in ranks]
         self.ranks = ranks
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {P.CFG_HETLORA: True, **({P.CFG_HETLORA_RANKS: list(self.ranks)} if self.ranks else {})}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         msgs = super().configure_train(server_round, arrays, config, grid)
+        assert self.current is not None  # set by DeltaStrategy.configure_train
         r_max = rank_of(self.current)
         if r_max is None:
             raise ValueError("hetlora needs LoRA tensors (lora_A / lora_B) in the global adapter")
@@ -96,14 +101,16 @@ class HetLoRA(DeltaStrategy):
 
     def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
         """A_t's shapes truncated to the rank the reply declares (absent: r_max)."""
+        assert self.current is not None, "configure_train sets A_t first"
         r_max = rank_of(self.current)
-        r = r_max
+        r: ConfigRecordValues | None = r_max
         meta = msg.content[P.LORA_META] if P.LORA_META in msg.content else None
         if meta is not None:
             r = meta.get(P.META_LORA_RANK) if isinstance(meta, ConfigRecord) else None
             if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= (r_max or 0):
                 raise deltas.InvalidUpdate(f"declared LoRA rank {r!r} is not an integer in 1..{r_max}")
-        return {k: np.shape(v) for k, v in truncate_rank(self.current, r).items()}
+        # r is None only when A_t has no LoRA tensors (configure_train refuses that); truncate_rank keeps all then.
+        return {k: np.shape(v) for k, v in truncate_rank(self.current, cast(int, r)).items()}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
         out = {}

@@ -17,13 +17,16 @@ a Byzantine client could claim any number of examples.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from strategies.base import DeltaStrategy
 from strategies.registry import register
 
 
-def pairwise_sq_dists(deltas_: list[dict[str, np.ndarray]]) -> np.ndarray:
+def pairwise_sq_dists(deltas_: list[dict[str, np.ndarray]]) -> NDArray[np.float64]:
     """(n, n) matrix of ‖x_i − x_j‖² over the flattened deltas, one tensor at a time."""
     n = len(deltas_)
     dist = np.zeros((n, n))
@@ -34,7 +37,7 @@ def pairwise_sq_dists(deltas_: list[dict[str, np.ndarray]]) -> np.ndarray:
     return dist
 
 
-def krum_scores(dist: np.ndarray, f: int) -> np.ndarray:
+def krum_scores(dist: NDArray[np.float64], f: int) -> NDArray[np.float64]:
     """Krum score of each row of a squared-distance matrix.
 
     Sums the n − f − 2 smallest distances to others, but at least two (where
@@ -44,7 +47,8 @@ def krum_scores(dist: np.ndarray, f: int) -> np.ndarray:
     """
     n = len(dist)
     c = int(np.clip(n - f - 2, 2, n - 1))
-    return np.sort(dist, axis=1)[:, 1:c + 1].sum(axis=1)  # column 0 is the zero self-distance
+    scores: NDArray[np.float64] = np.sort(dist, axis=1)[:, 1:c + 1].sum(axis=1)  # column 0: zero self-distance
+    return scores
 
 
 def check_clients(rule: str, n: int, f: int, factor: int) -> None:
@@ -53,15 +57,15 @@ def check_clients(rule: str, n: int, f: int, factor: int) -> None:
         raise ValueError(f"{rule} needs n >= {factor}f+3 clients: got n={n}, f={f}")
 
 
-def tolerate(strategy: DeltaStrategy, f, factor: int) -> int:
+def tolerate(strategy: DeltaStrategy, f: object, factor: int) -> int:
     """Validate f, refuse clients_per_round < factor·f + 3 and raise min_replies to it; return f."""
-    f = check_f(f)
-    check_clients(strategy.name, strategy.clients_per_round, f, factor)
-    strategy.min_replies = max(strategy.min_replies, factor * f + 3)
-    return f
+    f_ = check_f(f)
+    check_clients(strategy.name, strategy.clients_per_round, f_, factor)
+    strategy.min_replies = max(strategy.min_replies, factor * f_ + 3)
+    return f_
 
 
-def check_f(f) -> int:
+def check_f(f: object) -> int:
     """f as an int, refusing negatives and non-integers."""
     if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
         raise ValueError(f"f (number of Byzantine clients) must be an integer >= 0, got {f!r}")
@@ -83,7 +87,7 @@ class Krum(DeltaStrategy):
     paper = "Blanchard et al. 2017, arXiv:1703.02757"
     weighted = False
 
-    def __init__(self, *, f: int = 1, **base) -> None:
+    def __init__(self, *, f: int = 1, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         self.f = tolerate(self, f, 2)
 
@@ -105,7 +109,7 @@ class MultiKrum(Krum):
     secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Blanchard et al. 2017, arXiv:1703.02757"
 
-    def __init__(self, *, num_selected: int | None = None, **kw) -> None:
+    def __init__(self, *, num_selected: int | None = None, **kw: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**kw)
         if num_selected is not None and not 1 <= num_selected <= self.clients_per_round:
             raise ValueError(f"num_selected must be in [1, clients_per_round={self.clients_per_round}], "

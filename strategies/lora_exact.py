@@ -37,8 +37,10 @@ the config refuses ``export`` with this strategy.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message
 from flwr.serverapp import Grid
 
 from fedge import deltas
@@ -60,11 +62,11 @@ class FedExLoRA(DeltaStrategy):
     user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Singhal et al. 2024, arXiv:2410.09432"
 
-    def __init__(self, **base) -> None:
+    def __init__(self, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         self.residual: dict[str, np.ndarray] | None = None  # R per module; None before the first update
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {P.CFG_LORA_EXACT: True}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -89,7 +91,7 @@ class FedExLoRA(DeltaStrategy):
 
     # -- R goes out with train and evaluate messages -------------------------------------
 
-    def _attach(self, msgs: list) -> int:
+    def _attach(self, msgs: list[Message]) -> int:
         """Add R to the messages (they share one RecordDict); return the downlink bytes this adds."""
         if not (self.residual and msgs):
             return 0
@@ -98,12 +100,14 @@ class FedExLoRA(DeltaStrategy):
             m.content[P.LORA_RESIDUAL] = record
         return deltas.record_bytes(record) * len(msgs)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         self.report.bytes_down += self._attach(msgs)
         return msgs
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
         msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._attach(msgs)
         return msgs

@@ -13,6 +13,8 @@ rejects a reply, this keeps every client but bounds its influence: ‖agg‖₂ 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fedge import deltas
@@ -41,7 +43,7 @@ class NormBounding(FedAvg):
     secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Sun et al. 2019, arXiv:1911.07963"
 
-    def __init__(self, *, norm_bound: float = 1.0, **base) -> None:
+    def __init__(self, *, norm_bound: float = 1.0, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         if not (np.isfinite(norm_bound) and norm_bound > 0):
             raise ValueError(f"norm_bound must be a positive number, got {norm_bound!r}")

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-_REGISTRY: dict[str, type] = {}
+if TYPE_CHECKING:
+    from strategies.base import DeltaStrategy
+
+S = TypeVar("S", bound="type[DeltaStrategy]")
+
+_REGISTRY: dict[str, type[DeltaStrategy]] = {}
 
 
 class StrategyError(ValueError):
     """A strategy name or parameter that cannot be used; says what is allowed."""
 
 
-def register(name: str):
+def register(name: str) -> Callable[[S], S]:
     """Class decorator: register a ``DeltaStrategy`` subclass under ``name``."""
 
-    def deco(cls):
+    def deco(cls: S) -> S:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise StrategyError(f"strategy name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         _REGISTRY[name] = cls
@@ -49,13 +56,13 @@ def _load_builtin() -> None:
     )
 
 
-def available() -> dict[str, type]:
+def available() -> dict[str, type[DeltaStrategy]]:
     """name -> class of every registered strategy."""
     _load_builtin()
     return dict(sorted(_REGISTRY.items()))
 
 
-def resolve(name: str) -> type:
+def resolve(name: str) -> type[DeltaStrategy]:
     """Class for a registered name or a ``pkg.module:Class`` import path."""
     from strategies.base import DeltaStrategy
 
@@ -81,13 +88,13 @@ def parameters(cls: type) -> dict[str, inspect.Parameter]:
     params: dict[str, inspect.Parameter] = {}
     for klass in reversed(cls.__mro__):
         if "__init__" in vars(klass) and klass is not object:
-            for p in inspect.signature(klass.__init__).parameters.values():
+            for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
                 if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
                     params[p.name] = p
     return params
 
 
-def build(name: str, **kwargs):
+def build(name: str, **kwargs: Any) -> DeltaStrategy:  # kwargs: scenario values
     """Instantiate a strategy; unknown or invalid parameters raise StrategyError."""
     cls = resolve(name)
     allowed = parameters(cls)

@@ -30,8 +30,11 @@ and with user-level DP (Δc_i would leave unclipped and unnoised).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedge import deltas
@@ -56,7 +59,8 @@ class Scaffold(DeltaStrategy):
     user_level_dp = False  # extra records / rank-dependent shapes bypass the clipped, noised mean
     paper = "Karimireddy et al. 2020, arXiv:1910.06378"
 
-    def __init__(self, *, num_clients: int | None = None, server_lr: float = 1.0, **base) -> None:
+    # **base: forwarded to the base __init__, typed there
+    def __init__(self, *, num_clients: int | None = None, server_lr: float = 1.0, **base: Any) -> None:
         super().__init__(**base)
         if num_clients is not None and num_clients < self.clients_per_round:
             raise ValueError(f"num_clients {num_clients} < clients_per_round {self.clients_per_round}")
@@ -69,7 +73,7 @@ class Scaffold(DeltaStrategy):
         self._population = 0
         self._dc: list[dict[str, np.ndarray]] = []  # Δc_i of this round's accepted replies
 
-    def round_config(self, server_round: int) -> dict:
+    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {P.CFG_SCAFFOLD: self.session}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -77,8 +81,10 @@ class Scaffold(DeltaStrategy):
 
     # -- c goes out with the train message, Δc_i comes back with the reply --------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
+        assert self.current is not None  # set by DeltaStrategy.configure_train
         if self.c is None:
             self.c = {k: np.zeros(np.shape(v)) for k, v in self.current.items()}
         if {k: v.shape for k, v in self.c.items()} != {k: np.shape(v) for k, v in self.current.items()}:
@@ -105,12 +111,14 @@ class Scaffold(DeltaStrategy):
         self._dc.append(dc)
         return update
 
-    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self._dc = []
         arrays, metrics = super().aggregate_train(server_round, replies)
         if self._dc:
             # Accepted clients have moved their c_i whether or not x moved: follow them.
             n = self.num_clients or max(self._population, len(self._dc))
+            assert self.c is not None  # set by configure_train, which precedes every reply
             self.c = {k: c + sum(dc[k] for dc in self._dc) / n for k, c in self.c.items()}
         return arrays, metrics
 

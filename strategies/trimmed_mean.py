@@ -15,6 +15,8 @@ stays within the honest clients' range at every coordinate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from strategies.base import DeltaStrategy
@@ -38,7 +40,7 @@ class TrimmedMean(DeltaStrategy):
     paper = "Yin et al. 2018, arXiv:1803.01498"
     weighted = False
 
-    def __init__(self, *, beta: float = 0.1, **base) -> None:
+    def __init__(self, *, beta: float = 0.1, **base: Any) -> None:  # forwarded to the base __init__, typed there
         super().__init__(**base)
         if not 0.0 <= beta < 0.5:
             raise ValueError(f"beta must be in [0, 0.5), got {beta!r}")
