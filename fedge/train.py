@@ -103,7 +103,7 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, head_lr: float | None =
     Why SGD for the head under DP-SGD: Adam divides each coordinate by its running RMS,
     which noise dominates, so every coordinate moves by ~lr per step whatever its signal;
     SGD moves in proportion to the noisy gradient, whose noise averages out across steps
-    (benchmarks/results/dp_head_replay.md: +1 to +5 points at ε 8 to 1)."""
+    (benchmarks/results/dp_head_replay.md: +1.0 to +3.1 points at ε 8 to 1, lr 0.5)."""
     groups = param_groups(model, lr=lr, head_lr=head_lr)
     if head_optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=weight_decay)
