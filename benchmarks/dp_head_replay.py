@@ -61,11 +61,13 @@ def sigma(eps: float, delta: float, q: float, steps: int) -> float:
 
 def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, batch: int, steps: int, rounds: int,
            clip: float, delta: float, seed: int, schedule: str = "constant",
-           optimizer: str = "adamw") -> tuple[list[float], list[float]]:
+           optimizer: str = "adamw", ema: float = 0.0) -> tuple[list[float], list[float]]:
     """Accuracy on the test set after each round, and the σ of each branch.
 
     ``optimizer``: the branch's local optimizer, fresh each round as in fedge: "adamw", or
-    "sgd" (momentum ``fedge.train.HEAD_MOMENTUM``, what ``train.head_optimizer: sgd`` runs)."""
+    "sgd" (momentum ``fedge.train.HEAD_MOMENTUM``, what ``train.head_optimizer: sgd`` runs).
+    ``ema``: β of a server-side average of the global model across rounds, u_r = β u_{r-1} + (1-β) w_r
+    (u_1 = w_1), which the curve then evaluates (post-processing: no privacy cost); 0 = off."""
     from fedge.train import HEAD_MOMENTUM
 
     g = torch.Generator().manual_seed(seed)
@@ -75,6 +77,7 @@ def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, bat
     n = torch.tensor([float(len(y)) for _, y in clients])
     zs = [0.0 if eps is None else sigma(eps, delta, min(1.0, batch / len(y)), steps * rounds) for _, y in clients]
     curve = []
+    uw, ub = None, None
     for rnd in range(rounds):
         dw, db = torch.zeros_like(w), torch.zeros_like(b)
         lr_r = lr if schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * rnd / rounds))
@@ -102,7 +105,8 @@ def replay(clients, xte, yte, *, classes: int, lr: float, eps: float | None, bat
             dw += (ni / n.sum()) * (lw.detach() - w)
             db += (ni / n.sum()) * (lb.detach() - b)
         w, b = w + dw, b + db
-        curve.append(float(((xte @ w + b).argmax(1) == yte).float().mean()))
+        uw, ub = (w, b) if uw is None else (ema * uw + (1 - ema) * w, ema * ub + (1 - ema) * b)
+        curve.append(float(((xte @ uw + ub).argmax(1) == yte).float().mean()))
     return curve, zs
 
 
@@ -114,6 +118,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate across rounds: constant, or cosine from lr down to 0 over the rounds")
+    p.add_argument("--ema", default="0", help="comma list of β for a server-side average across rounds (0 = off)")
     p.add_argument("--head-optimizer", choices=["adamw", "sgd"], default=None,
                    help="the head's local optimizer (default: the scenario's train.head_optimizer)")
     p.add_argument("--set", action="append", default=[], help="scenario override, e.g. federation.num_rounds=12")
@@ -151,10 +156,10 @@ def main() -> int:
         "FedAvg by examples. Linear head on frozen mean-pooled MiniLM-L6 features "
         f"({cfg.model.max_length} tokens; features in {t_feat:.0f} s). The adapter is left out: this is a model of "
         "the fedge run, not the run (`dp_utility.md` has the runs).", "",
-        "| lr | ε | seed | accuracy after each round | final | σ (per branch) | s |",
-        "|---:|---:|---:|---|---:|---|---:|",
+        "| lr | EMA β | ε | seed | accuracy after each round | final | σ (per branch) | s |",
+        "|---:|---:|---:|---:|---|---:|---|---:|",
     ]
-    for lr in [float(x) for x in args.lrs.split(",")]:
+    for lr, beta in [(float(x), float(m)) for x in args.lrs.split(",") for m in args.ema.split(",")]:
         for e in args.eps.split(","):
             eps = None if e.strip() == "none" else float(e)
             for seed in [int(s) for s in args.seeds.split(",")]:
@@ -162,8 +167,8 @@ def main() -> int:
                 curve, zs = replay(clients, xte, yte, classes=classes, lr=lr, eps=eps, batch=t.batch_size,
                                    steps=t.local_steps, rounds=cfg.federation.num_rounds, clip=dp.max_grad_norm,
                                    delta=dp.delta, seed=seed, schedule=args.schedule,
-                                   optimizer=head_opt)
-                row = (f"| {lr:g} | {'∞' if eps is None else f'{eps:g}'} | {seed} | "
+                                   optimizer=head_opt, ema=beta)
+                row = (f"| {lr:g} | {beta:g} | {'∞' if eps is None else f'{eps:g}'} | {seed} | "
                        f"{' '.join(f'{a:.3f}' for a in curve)} | **{curve[-1]:.4f}** | "
                        f"{min(zs):.2f}–{max(zs):.2f} | {time.perf_counter() - t1:.0f} |")
                 print(row, flush=True)
