@@ -224,7 +224,15 @@ class UserLevelDP(DeltaStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round, self._bits, self.last_event = server_round, [], None
-        return super().configure_train(server_round, arrays, config, grid)
+        msgs = super().configure_train(server_round, arrays, config, grid)
+        self.inner.current = self.current  # the inner's expected_shapes reads A_t
+        return msgs
+
+    def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
+        # What a reply carries is the inner algorithm's call (FFA-LoRA: no lora_A; head only:
+        # the head alone): checking against all of A_t would refuse every such reply, and a
+        # Poisson round would then release noise alone, silently, under a private report.
+        return self.inner.expected_shapes(msg)
 
     def decode_reply(self, msg: Message) -> ClientUpdate:
         upd = super().decode_reply(msg)

@@ -188,3 +188,21 @@ def test_wraps_a_server_optimiser_and_keeps_its_state():
     assert any(k.startswith("inner/") for k in state)
     for k, v in b.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
+
+
+@pytest.mark.parametrize("name,frozen", [("ffa-lora", "lora_A"), ("head-only", "lora_A")])
+def test_replies_carry_what_the_inner_algorithm_sends(task_identity, name, frozen):
+    # Prepare: the inner freezes lora_A (FFA-LoRA; head only freezes every lora_ tensor), so
+    # its clients send the rest alone. Before the fix the wrapper checked replies against all
+    # of A_t, refused every one, and released noise alone under its private report.
+    strat = UserLevelDP(build(name, clients_per_round=4), noise_multiplier=1e-9, clip_norm=1.0, seed=0,
+                        sampling="fixed")
+    msgs = list(strat.configure_train(1, zeros_record(), ConfigRecord({}), FakeGrid()))
+    ds = [{"scalar": np.array(v)} for v in (0.1, 0.2, -0.05, 0.3)]
+    # Execute
+    arrays, _ = strat.aggregate_train(1, [reply(m, d) for m, d in zip(msgs, ds)])
+    # Assert: all four accepted; the frozen tensor stays, the rest moves by the clipped mean / m
+    got = deltas.from_record(arrays)
+    assert strat.report.accepted == 4 and not strat.report.rejected
+    np.testing.assert_array_equal(got[frozen], np.zeros(SHAPES[frozen]))
+    np.testing.assert_allclose(got["scalar"], sum(float(d["scalar"]) for d in ds) / 4, atol=1e-6)
