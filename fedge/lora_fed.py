@@ -18,6 +18,8 @@ CFG_LORA_EXACT      ``fedex-lora`` (lora_exact.py)    W0 ← W0 + s·R for each 
                                                       LORA_RESIDUAL), restored bit for bit on exit
 CFG_FREEZE_A        ``ffa-lora``                      lora_A frozen (requires_grad False, restored);
                                                       the reply omits lora_A
+CFG_FREEZE_ADAPTER  ``head-only`` (head_only.py)      lora_A and lora_B frozen: only the task head
+                                                      trains; the reply carries the head alone
 CFG_SCAFFOLD        ``scaffold``                      every gradient g ← g + (c − c_i) (record
                                                       SCAFFOLD_C); reply adds Δc_i (SCAFFOLD_DC);
                                                       c_i kept in the node's state
@@ -203,7 +205,7 @@ def _residual_weights(peft_model, residual: Mapping[str, np.ndarray]):
             upd = upd.T
         if upd.shape != tuple(w.shape):
             raise ValueError(f"{name}: residual shape {np.shape(r)} does not fit weight {tuple(w.shape)}")
-        out.append((w, (w.detach().double() + torch.from_numpy(upd)).to(w.dtype)))
+        out.append((w, (w.detach().double() + torch.from_numpy(upd).to(w.device)).to(w.dtype)))
     return out
 
 
@@ -296,7 +298,7 @@ def _scaffold(peft_model, conf, context, content, stack: ExitStack) -> Finisher:
     ci = load_control_variate(context, session, c)
     for name, p in params.items():
         if p.requires_grad:
-            corr = torch.from_numpy(c[name] - ci[name]).to(p.dtype)
+            corr = torch.from_numpy(c[name] - ci[name]).to(device=p.device, dtype=p.dtype)
             stack.callback(p.register_hook(lambda g, d=corr: g + d).remove)
 
     def finish(delta: State) -> tuple[State, dict]:
@@ -310,21 +312,27 @@ def _scaffold(peft_model, conf, context, content, stack: ExitStack) -> Finisher:
     return finish
 
 
-# -- FFA-LoRA and HetLoRA ------------------------------------------------------------------------
+# -- FFA-LoRA, head only and HetLoRA -----------------------------------------------------------
 
 
-def _freeze_lora_a(peft_model, stack: ExitStack) -> Finisher:
-    a_params = {k: p for k, p in adapter_parameters(peft_model).items() if is_lora_a(k)}
-    before = {k: p.requires_grad for k, p in a_params.items()}
-    for p in a_params.values():
+def is_lora(name: str) -> bool:
+    """An adapter factor (lora_A or lora_B), as opposed to a task head or other trained tensor."""
+    return is_lora_a(name) or is_lora_b(name)
+
+
+def _freeze(peft_model, stack: ExitStack, which: Callable[[str], bool], what: str) -> Finisher:
+    """Freeze the adapter tensors ``which`` selects for the round; the reply leaves them out."""
+    frozen = {k: p for k, p in adapter_parameters(peft_model).items() if which(k)}
+    before = {k: p.requires_grad for k, p in frozen.items()}
+    for p in frozen.values():
         p.requires_grad_(False)
-    stack.callback(lambda: [p.requires_grad_(before[k]) for k, p in a_params.items()])
+    stack.callback(lambda: [p.requires_grad_(before[k]) for k, p in frozen.items()])
 
     def finish(delta: State) -> tuple[State, dict]:
-        moved = [k for k in a_params if np.any(delta[k] != 0)]
+        moved = [k for k in frozen if np.any(delta[k] != 0)]
         if moved:  # e.g. a training path that ignores requires_grad
-            raise RuntimeError(f"lora_A changed although frozen: {moved[:3]}")
-        return {k: v for k, v in delta.items() if not is_lora_a(k)}, {}
+            raise RuntimeError(f"{what} changed although frozen: {moved[:3]}")
+        return {k: v for k, v in delta.items() if not which(k)}, {}
 
     return finish
 
@@ -368,8 +376,10 @@ def client_round(peft_model, conf, context, content=None):
         if conf.get(P.CFG_LORA_EXACT, False):
             _need_content(content, "FedEx-LoRA")
             stack.enter_context(residual_applied(peft_model, message_residual(content)))
-        if conf.get(P.CFG_FREEZE_A, False):
-            hooks.finishers.append(_freeze_lora_a(peft_model, stack))
+        if conf.get(P.CFG_FREEZE_ADAPTER, False):
+            hooks.finishers.append(_freeze(peft_model, stack, is_lora, "the adapter"))
+        elif conf.get(P.CFG_FREEZE_A, False):
+            hooks.finishers.append(_freeze(peft_model, stack, is_lora_a, "lora_A"))
         if P.CFG_SCAFFOLD in conf:
             _need_content(content, "SCAFFOLD")
             hooks.finishers.append(_scaffold(peft_model, conf, context, content, stack))

@@ -59,6 +59,7 @@ CFG_DP_CLIP_NORM = "dp-clip-norm"
 # LoRA-aware algorithms (present only when the strategy asks; see fedge.lora_fed)
 CFG_SCAFFOLD = "scaffold-session"  # SCAFFOLD: int id of the server's c; clients keep c_i per id
 CFG_FREEZE_A = "lora-freeze-a"  # FFA-LoRA: bool, keep lora_A frozen and send only the other tensors
+CFG_FREEZE_ADAPTER = "lora-freeze-adapter"  # head only: bool, keep lora_A and lora_B frozen, send the head
 CFG_LORA_EXACT = "lora-exact"  # FedEx-LoRA: bool, add scale·R (record LORA_RESIDUAL) to the frozen weights
 CFG_HETLORA = "hetlora"  # HetLoRA: bool, train at this client's own rank (truncated global adapter)
 CFG_HETLORA_RANKS = "hetlora-ranks"  # list[int]: rank of partition p = ranks[p % len] (no node lora-rank)

@@ -46,6 +46,7 @@ def _load_builtin() -> None:
         fedprox,
         fedyogi,
         ffa_lora,
+        head_only,
         hetlora,
         krum,
         lora_exact,

@@ -188,3 +188,26 @@ def test_sgd_head_config_and_wire():
     conf = round_config(cfg, base_hash="x")
     assert conf[P.CFG_HEAD_OPTIMIZER] == cfg.train.head_optimizer == "sgd"
     assert conf[P.CFG_HEAD_LR] == cfg.train.head_lr
+
+
+@pytest.mark.parametrize("head_optimizer", ["adamw", "sgd"])
+def test_head_only_round_trains_and_sends_the_head_alone(bert_dir, torch_one_thread, head_optimizer):
+    from fedge import lora_fed
+    from fedge import protocol as P
+    from fedge.train import train_local
+
+    # Prepare: a mean-pooled classifier with LoRA on query/value, the round config of `head-only`
+    peft = _peft(bert_dir)
+    before = models.get_adapter_state(peft)
+    # Execute: one local round as the client app runs it
+    with lora_fed.client_round(peft, {P.CFG_FREEZE_ADAPTER: True}, None) as hooks:
+        train_local(peft, _ex(), task="sequence-classification", pad_id=0, steps=3, batch_size=4, lr=1e-2,
+                    head_lr=0.5, head_optimizer=head_optimizer)
+        after = models.get_adapter_state(peft)
+        sent, extra = hooks.finish({k: after[k] - before[k] for k in after})
+    # Assert: lora_A and lora_B did not move and do not travel; the head moved and travels; unfrozen after
+    lora = {k for k in before if lora_fed.is_lora(k)}
+    assert lora and all(np.array_equal(after[k], before[k]) for k in lora)
+    assert set(sent) == set(before) - lora and sent and extra == {}
+    assert all(np.any(v != 0) for v in sent.values())
+    assert all(p.requires_grad for p in lora_fed.adapter_parameters(peft).values())

@@ -79,9 +79,10 @@ def reply(msg: Message, wire: dict, *, num_examples: float = 10.0, encoding: str
 def faulty_reply(fault: str, msg: Message, delta: dict) -> Message:
     wire = deltas.encode(delta, "fp32")
     if fault == "nan":
-        wire["lora_A" if "lora_A" in wire else "lora_B"].flat[1] = np.nan
+        wire[next(k for k in ("lora_A", "lora_B", "bias") if k in wire)].flat[1] = np.nan
     elif fault == "wrong-shape":
-        wire["lora_B"] = wire["lora_B"].T.copy()
+        k = "lora_B" if "lora_B" in wire else "bias"  # head only: the reply carries the head alone
+        wire[k] = wire[k].T.copy() if wire[k].ndim == 2 else wire[k].reshape(-1, 1)
     elif fault == "missing-tensor":
         del wire["bias"]
     elif fault == "wrong-dtype":
@@ -129,7 +130,7 @@ class StrategyContract:
     @property
     def probe(self) -> str:
         """A tensor the rule moves, to tell two outcomes apart."""
-        return "lora_A" if "lora_A" not in self.frozen else "lora_B"
+        return next(k for k in SHAPES if k not in self.frozen)
 
     def test_describes_itself(self):
         s = self.make()
@@ -311,6 +312,11 @@ class TestScaffold(StrategyContract):
 class TestFFALoRA(StrategyContract):
     # lora_A stays at its initialisation and is not sent: identical deltas move only the rest.
     name, frozen = "ffa-lora", ("lora_A",)
+
+
+class TestHeadOnly(StrategyContract):
+    # lora_A and lora_B stay at their initialisation and are not sent: only the head ("bias") moves.
+    name, frozen = "head-only", ("lora_A", "lora_B")
 
 
 class TestFedExLoRA(StrategyContract):
