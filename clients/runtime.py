@@ -92,8 +92,9 @@ def get_runtime(cfg: fcfg.RunConfig) -> ClientRuntime:
     if key not in _RUNTIMES:
         torch.set_num_threads(int(os.environ.get("FEDGE_TORCH_THREADS", cfg.simulation.torch_threads)))
         base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
-                                pooling=cfg.model.pooling,
-                                cache_dir=Path(cfg.model.cache_dir) if cfg.model.cache_dir else None, seed=cfg.seed)
+                                pooling=cfg.model.pooling, device=cfg.model.device, dtype=cfg.model.dtype,
+                                quantize=cfg.model.quantize, seed=cfg.seed,
+                                cache_dir=Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
         _RUNTIMES.clear()  # one scenario per process: free the previous model
         _RUNTIMES[key] = ClientRuntime(base=base, task=cfg.model.task, max_length=cfg.model.max_length,
                                        seed=cfg.seed, data_args=data_args(cfg))

@@ -51,15 +51,53 @@ class ModelSection(_Section):
     cache_dir: str | None = Field(
         None, description="Where converted base models are cached (default ~/.cache/fedge)."
     )
+    quantize: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the frozen base in 8 or 4 bits (bitsandbytes, QLoRA style: LoRA tensors stay "
+        "fp32). Needs a CUDA device and the 'gpu' extra (pip install 'fedge[gpu]'); refused on CPU.")
+    device: str = Field(
+        "auto", description="Where each node runs its model: 'auto' (CUDA when this node sees one, else CPU), "
+        "'cpu', 'cuda' or 'cuda:N'. Resolved on every node for its own hardware (fedge/devices.py).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Precision of the frozen base weights: 'auto' (bfloat16 on a CUDA device that "
+        "supports it, else float32), or given. bfloat16/float16 need CUDA: refused on CPU. LoRA tensors stay "
+        "fp32 and deltas cross the wire as today, so CPU and GPU nodes share a federation.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        from fedge.devices import check_device_name
+
+        return check_device_name(device)
+
+    @model_validator(mode="after")
+    def _quantize_needs_cuda_and_bitsandbytes(self) -> ModelSection:
+        # Fail now, not in every Ray worker: a k-bit base needs CUDA and bitsandbytes on this node.
+        if self.quantize != "none":
+            from fedge.devices import resolve_device
+            from fedge.models import ModelLoadError, quantization_config
+
+            try:
+                quantization_config(self.quantize, resolve_device(self.device, "auto")[0])
+            except ModelLoadError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _reduced_precision_needs_cuda(self) -> ModelSection:
+        if self.device == "cpu" and self.dtype in ("bfloat16", "float16"):
+            raise ValueError(f"model.dtype {self.dtype!r} needs a CUDA device, but model.device is 'cpu' "
+                             "(on CPU fedge trains in float32: set model.dtype: auto or float32)")
+        return self
 
 
 class LoraSection(_Section):
     r: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: W0 + (alpha/r) B A.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: tuple[str, ...] = Field(
-        ("q_proj", "v_proj"), min_length=1, description="Module names that get adapters."
-    )
+    target_modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="Module names that get adapters (default: the architecture's, "
+        "fedge/families.py: q_proj, v_proj on Llama/SmolLM2, Qwen2, Gemma, Mistral, Phi; qkv_proj on Phi-3; "
+        "query, value on BERT/MiniLM).")
 
 
 class DataSection(_Section):
@@ -245,7 +283,14 @@ class SecureAggregationSection(_Section):
 
 class SimulationSection(_Section):
     client_cpus: float = Field(1.0, gt=0, description="CPUs reserved per virtual client (Ray).")
+    client_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per virtual client (Ray's num_gpus; 0.25 = four clients share one "
+        "GPU). > 0 needs a visible CUDA device; with 0, Ray hides the GPUs from clients (they run on CPU).")
     torch_threads: int = Field(1, ge=1, description="torch threads per virtual client.")
+    ray_address: str | None = Field(
+        None, description="Attach to an existing Ray cluster at this address ('host:6379', as printed by "
+        "`ray start --head`; or 'auto') instead of starting a local one (docs/scale-out.md). Every worker "
+        "needs fedge installed; run_root must be a path that every worker can reach.")
     fault_rate: float = Field(0.0, ge=0, le=1, description="Fraction of train replies made to fail (testing).")
     fault_kinds: tuple[Literal["exception", "timeout", "garbage"], ...] = Field(
         ("exception", "timeout", "garbage"), min_length=1, description="How injected failures fail.")

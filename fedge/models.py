@@ -217,6 +217,36 @@ def use_mean_pooling(model: torch.nn.Module) -> None:
     enc.register_forward_pre_hook(capture, with_kwargs=True)
 
 
+QUANTIZE = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantize: str, device: torch.device, *, bnb_available: bool | None = None):
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantize`` (None for 'none').
+
+    4bit: NF4 weights with double-quantized scales and bf16 compute (QLoRA, Dettmers et al. 2023);
+    8bit: LLM.int8() (Dettmers et al. 2022). Only the frozen base is quantized; LoRA A/B stay fp32.
+    Refused (:class:`ModelLoadError` naming the field) off CUDA, where bitsandbytes has no k-bit
+    matmul, and without bitsandbytes (the 'gpu' extra). ``bnb_available``: for tests."""
+    if quantize not in QUANTIZE:
+        raise ModelLoadError(f"model.quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
+    if quantize == "none":
+        return None
+    if device.type != "cuda":
+        raise ModelLoadError(f"model.quantize {quantize!r} needs a CUDA device (bitsandbytes' k-bit kernels); "
+                             f"this node runs on {device.type}: set model.quantize: none")
+    if bnb_available is None:
+        bnb_available = importlib.util.find_spec("bitsandbytes") is not None
+    if not bnb_available:
+        raise ModelLoadError(f"model.quantize {quantize!r} needs bitsandbytes, which is not installed: "
+                             "pip install 'fedge[gpu]' (or set model.quantize: none)")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_base(
     source: str,
     *,
@@ -225,26 +255,41 @@ def load_base(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     pooling: str = "cls",
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantize: str = "none",
 ) -> Base:
     """Load a frozen fp32 base model + tokenizer and compute its hash.
 
+    ``device`` / ``dtype`` (``model.device`` / ``model.dtype``, rules in :mod:`fedge.devices`): where
+    the frozen weights then live and in which precision. The hash is taken before the cast, over
+    the fp32 weights, so a bf16 GPU node and an fp32 CPU node agree on it.
+
     ``pooling="mean"`` (sequence classification): the head reads the masked mean of the last
     hidden states (:func:`use_mean_pooling`); the base hash then covers the model without the
-    CLS pooler, so server and clients must agree on it (they read the same scenario)."""
+    CLS pooler, so server and clients must agree on it (they read the same scenario).
+
+    ``quantize`` '8bit' / '4bit' (:func:`quantization_config`, CUDA only): the base is quantized while
+    loading and hashed as quantized (every node quantizes the same fp32 weights the same way)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from fedge.devices import resolve_device
+
+    dev, dt = resolve_device(device, dtype)  # before loading: a node without the device fails at once
+    bnb = quantization_config(quantize, dev)
+    weights: dict = {"dtype": torch.float32} if bnb is None else {"quantization_config": bnb, "device_map": {"": dev}}
     where = resolve_source(source, Path(cache_dir) if cache_dir else None)
     is_hub = isinstance(where, str)
     try:
         tok = AutoTokenizer.from_pretrained(where)
         torch.manual_seed(seed)  # deterministic fresh head (it is overwritten by the global adapter)
         if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(where, **weights)
         elif task == "sequence-classification":
             if not num_labels:
                 raise ModelLoadError("sequence-classification needs num_labels")
             model = AutoModelForSequenceClassification.from_pretrained(
-                where, num_labels=num_labels, dtype=torch.float32
+                where, num_labels=num_labels, **weights
             )
         else:
             raise ModelLoadError(f"unknown task {task!r}; allowed: ['causal-lm', 'sequence-classification']")
@@ -270,7 +315,13 @@ def load_base(
     for p in model.parameters():
         p.requires_grad_(False)
     key = task if pooling == "cls" else f"{task}+mean-pooling"  # another parameter set, another hash
-    return Base(model=model, tokenizer=tok, hash=cached_base_hash(model, where, key), source=source, task=task)
+    key += "" if bnb is None else f"+{quantize}"
+    digest = cached_base_hash(model, where, key)
+    if bnb is None and (dev.type != "cpu" or dt != torch.float32):  # a k-bit base is placed by from_pretrained
+        model.to(dev)
+        for p in model.parameters():  # parameters only: buffers such as RoPE's inv_freq keep fp32
+            p.data = p.data.to(dt)
+    return Base(model=model, tokenizer=tok, hash=digest, source=source, task=task)
 
 
 def add_lora(
@@ -280,12 +331,17 @@ def add_lora(
     r: int,
     alpha: float,
     dropout: float,
-    target_modules: list[str] | tuple[str, ...],
+    target_modules: list[str] | tuple[str, ...] | None = None,
     seed: int = 0,
 ):
-    """Wrap ``model`` with fresh LoRA adapters (B = 0, so the output is unchanged)."""
+    """Wrap ``model`` with fresh LoRA adapters (B = 0, so the output is unchanged).
+
+    ``target_modules`` None: the architecture's default (:func:`lora_targets`)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    from fedge.devices import trainables_fp32
+
+    target_modules = lora_targets(model, target_modules)
     cfg = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -295,13 +351,25 @@ def add_lora(
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, cfg)
+        return trainables_fp32(get_peft_model(model, cfg))  # a bf16/fp16 base keeps an fp32 head
     except ValueError as err:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ModelLoadError(
             f"lora.target_modules {list(target_modules)} not found in the model ({err}); "
             f"linear modules available: {linear}"
         ) from None
+
+
+def lora_targets(model: torch.nn.Module, given: list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``given`` as a tuple, else the default of the model's ``config.model_type`` (:mod:`fedge.families`)."""
+    if given is not None:
+        return tuple(given)
+    from fedge import families
+
+    try:
+        return families.default_targets(getattr(getattr(model, "config", None), "model_type", None))
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def get_adapter_state(peft_model) -> dict[str, np.ndarray]:

@@ -21,19 +21,23 @@ import torch
 import torch.nn.functional as F
 
 from fedge.data.tokenize import IGNORE, chat_prompt_ids, collate, end_token_id
+from fedge.devices import model_device, to_device
 
 
 def per_example_loss(model, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
-    """ℓ_i for each example in the batch, shape (B,)."""
+    """ℓ_i for each example in the batch, shape (B,), fp32 (on the batch's device).
+
+    Logits are upcast first (a no-op in fp32): over a bf16 base, a bf16 log-softmax across a 49k-token
+    vocabulary is too coarse for the loss and its gradient."""
     if task == "causal-lm":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logits, labels = logits[:, :-1, :], batch["labels"][:, 1:]
         tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                               ignore_index=IGNORE, reduction="none").view(labels.shape)
         count = (labels != IGNORE).sum(dim=1).clamp(min=1)
         return tok.sum(dim=1) / count
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
+    logits = model(**inputs).logits.float()
     return F.cross_entropy(logits, batch["labels"], reduction="none")
 
 
@@ -135,6 +139,8 @@ def train_local(
 ) -> dict[str, float]:
     """Run ``steps`` optimizer steps (:func:`make_optimizer`) on the trainable parameters; return mean train loss.
 
+    Batches go to the model's device (``model.device`` placed it, :func:`fedge.models.load_base`).
+
     With ``proximal_mu`` = μ > 0 (FedProx) the objective is L + (μ/2)‖w − w_0‖², w_0 the
     trainable parameters at entry (the global adapter); the reported loss is L alone.
     """
@@ -144,10 +150,11 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     opt = make_optimizer(model, lr=lr, head_lr=head_lr, head_optimizer=head_optimizer, weight_decay=weight_decay)
     torch.manual_seed(seed)
+    device = model_device(model)
     model.train()
     losses, t0 = [], time.perf_counter()
     for idx in batch_indices(len(examples), steps=steps, batch_size=batch_size, seed=seed):
-        batch = collate([examples[i] for i in idx], task=task, pad_id=pad_id)
+        batch = to_device(collate([examples[i] for i in idx], task=task, pad_id=pad_id), device)
         loss = per_example_loss(model, batch, task=task).mean()
         objective = loss
         if anchor is not None:
@@ -169,9 +176,10 @@ def evaluate(
     if not ex:
         return {"loss": math.nan, "n": 0}
     model.eval()
+    device = model_device(model)
     total, correct = 0.0, 0
     for s in range(0, len(ex), batch_size):
-        batch = collate(ex[s:s + batch_size], task=task, pad_id=pad_id)
+        batch = to_device(collate(ex[s:s + batch_size], task=task, pad_id=pad_id), device)
         total += float(per_example_loss(model, batch, task=task).sum())
         if task != "causal-lm":
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -185,7 +193,7 @@ def evaluate(
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> str:
     """Greedy answer to ``prompt`` as a chat turn (deterministic, for side-by-side views)."""
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
+    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=model_device(model))
     end_ids = {end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     model.eval()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

@@ -107,9 +107,16 @@ def _require_secure_rule(inner: strategies.DeltaStrategy, name: str) -> None:
                                        f"strategies that work with it: {allowed}")
 
 
-def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
-    """Everything a client needs to train one round (the server is the authority)."""
+def round_config(cfg: fcfg.RunConfig, *, base_hash: str, targets: tuple[str, ...] | None = None) -> ConfigRecord:
+    """Everything a client needs to train one round (the server is the authority).
+
+    ``targets``: the LoRA target modules resolved for the base (:attr:`Evaluator.targets`); needed
+    when the scenario leaves ``lora.target_modules`` to the architecture's default."""
     t, lo, dp = cfg.train, cfg.lora, cfg.privacy.dp_sgd
+    targets = targets if targets is not None else lo.target_modules
+    if targets is None:
+        raise ValueError("round_config needs the resolved LoRA targets (Evaluator.targets) when "
+                         "lora.target_modules is not given")
     extra: dict = {P.CFG_HEAD_LR: t.head_lr, P.CFG_HEAD_OPTIMIZER: t.head_optimizer} if t.head_lr is not None else {}
     if dp.enabled:
         extra |= {P.CFG_DPSGD_NOISE: dp.noise_multiplier or 0.0, P.CFG_DPSGD_TARGET_EPS: dp.target_epsilon or 0.0,
@@ -119,7 +126,7 @@ def round_config(cfg: fcfg.RunConfig, *, base_hash: str) -> ConfigRecord:
         P.CFG_LOCAL_STEPS: t.local_steps, P.CFG_BATCH_SIZE: t.batch_size, P.CFG_LR: t.lr,
         P.CFG_WEIGHT_DECAY: t.weight_decay, P.CFG_ENCODING: cfg.federation.encoding, P.CFG_BASE_HASH: base_hash,
         P.CFG_SEED: cfg.seed, P.CFG_LORA_R: lo.r, P.CFG_LORA_ALPHA: lo.alpha, P.CFG_LORA_DROPOUT: lo.dropout,
-        P.CFG_LORA_TARGETS: list(lo.target_modules), P.CFG_EVAL_BATCH_SIZE: t.eval_batch_size,
+        P.CFG_LORA_TARGETS: list(targets), P.CFG_EVAL_BATCH_SIZE: t.eval_batch_size,
         P.CFG_MAX_EVAL_EXAMPLES: cfg.data.max_eval_examples,
     })
 
@@ -130,12 +137,13 @@ class Evaluator:
     def __init__(self, cfg: fcfg.RunConfig):
         self.task = cfg.model.task
         self.base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
-                                     pooling=cfg.model.pooling,
-                                     cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+                                     pooling=cfg.model.pooling, device=cfg.model.device, dtype=cfg.model.dtype,
+                                     quantize=cfg.model.quantize, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
         self.base_parameters = sum(p.numel() for p in self.base.model.parameters())
         lo = cfg.lora
+        self.targets = models.lora_targets(self.base.model, lo.target_modules)  # sent to every client
         self.model = models.add_lora(self.base.model, task=cfg.model.task, r=lo.r, alpha=lo.alpha,
-                                     dropout=lo.dropout, target_modules=lo.target_modules, seed=cfg.seed)
+                                     dropout=lo.dropout, target_modules=self.targets, seed=cfg.seed)
         holdout = federated_split(**data_args(cfg)).global_holdout
         self.holdout = holdout  # the end-of-run sample draws its prompts from here
         self.examples = encode_dataset(self.base.tokenizer, holdout, task=self.task,
@@ -305,7 +313,7 @@ def _run_rounds(grid: Grid, cfg: fcfg.RunConfig, run_dir: Path, tracker: Tracker
     strategy = build_strategy(cfg, base_hash=ev.base.hash)
     strategy.message_ttl = cfg.federation.round_timeout_s
     strategy.summary()
-    train_cfg = round_config(cfg, base_hash=ev.base.hash)
+    train_cfg = round_config(cfg, base_hash=ev.base.hash, targets=ev.targets)
     adapter = ev.initial_adapter()
     metrics_path = run_dir / "metrics.jsonl"
     progress.write_to(run_dir / "progress.json")  # replies so far, for `fedge server`'s live view

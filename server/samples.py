@@ -20,6 +20,7 @@ import torch
 from fedge import config as fcfg
 from fedge import lora_fed, models
 from fedge.data.tokenize import chat_prompt_ids, collate, encode_dataset, end_token_id
+from fedge.devices import model_device, to_device
 from fedge.train import per_example_loss
 
 GROUP_COLUMNS = ("category", "client", "language")
@@ -67,8 +68,9 @@ def generate_batch(model, tokenizer, prompts: list[str], s: fcfg.SampleSection) 
     rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
     pad = int(tokenizer.pad_token_id)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    device = model_device(model)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     ends = {end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
                          repetition_penalty=s.repetition_penalty, eos_token_id=sorted(ends), pad_token_id=pad)
@@ -87,7 +89,7 @@ def reference_losses(model, tokenizer, prompts: list[str], references: list[str]
 
     ex = encode_dataset(tokenizer, datasets.Dataset.from_dict({"prompt": prompts, "response": references}),
                         task="causal-lm", max_length=max_length)
-    batch = collate(ex, task="causal-lm", pad_id=int(tokenizer.pad_token_id))
+    batch = to_device(collate(ex, task="causal-lm", pad_id=int(tokenizer.pad_token_id)), model_device(model))
     return [float(v) for v in per_example_loss(model, batch, task="causal-lm")]
 
 

@@ -4,7 +4,9 @@ The ServerApp runs in this process (so the live view sees every round); each
 virtual client is a ClientApp executed by Flower's Ray actors, which keep the
 base model loaded across messages. Ray is started and shut down by Flower's
 simulation engine within this call: no process outlives it, nothing is
-installed or downloaded at run time.
+installed or downloaded at run time. With ``simulation.ray_address`` the run
+attaches to an existing Ray cluster instead and leaves it running
+(:func:`ray_cluster`, docs/scale-out.md).
 
 Why ``run_simulation`` rather than ``flwr run``: the latter starts a local
 SuperLink that outlives the run and runs the app from a copy unpacked in
@@ -14,11 +16,14 @@ code; ``flwr run .`` keeps working with ``--run-config "scenario='...'"``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import socket
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedge import config as fcfg
@@ -26,8 +31,10 @@ from fedge import flower_patches
 
 
 def backend_config(cfg: fcfg.RunConfig) -> dict:
+    """Flower's Ray backend: each virtual client reserves ``client_cpus`` CPUs and ``client_gpus`` GPUs
+    (a fraction: 1/k lets k clients share one GPU; Ray gives each its share through CUDA_VISIBLE_DEVICES)."""
     return {
-        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": cfg.simulation.client_gpus},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "error", "log_to_driver": True},
     }
@@ -38,7 +45,7 @@ def model_sizes(cfg: fcfg.RunConfig) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fedge.models import resolve_source
+    from fedge.models import lora_targets, resolve_source
 
     where = resolve_source(cfg.model.source, Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
     mcfg = AutoConfig.from_pretrained(where)
@@ -48,7 +55,7 @@ def model_sizes(cfg: fcfg.RunConfig) -> tuple[int, int]:
         else:
             mcfg.num_labels = cfg.model.num_labels or 2
             model = AutoModelForSequenceClassification.from_config(mcfg)
-    targets = set(cfg.lora.target_modules)
+    targets = set(lora_targets(model, cfg.lora.target_modules))
     lora = sum(cfg.lora.r * (m.in_features + m.out_features) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets)
     return sum(p.numel() for p in model.parameters()), lora
@@ -97,6 +104,7 @@ def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force
     if free < need:
         raise fcfg.ConfigError(f"not enough free disk space for this run in {run_dir}: about "
                                f"{need / 2**20:,.0f} MiB needed ({how}, 1.5x margin), {free / 2**20:,.0f} MiB free")
+    check_devices(cfg)
     build_strategy(cfg, base_hash="")
     if resume:
         from server import checkpoint
@@ -109,6 +117,25 @@ def preflight(cfg: fcfg.RunConfig, run_dir: Path, *, resume: bool = False, force
     # Builds the split (bad data settings fail here); partitions are non-empty by construction
     # (natural groups exist, IID needs records >= clients, Dirichlet enforces min_partition_size).
     federated_split(**data_args(cfg))
+
+
+def check_devices(cfg: fcfg.RunConfig, *, cuda_available: bool | None = None) -> None:
+    """Refuse device settings this machine cannot honour before Ray starts (names the scenario key).
+
+    ``simulation.client_gpus`` > 0 needs a CUDA device here (unless ``simulation.ray_address`` names a
+    cluster, whose workers Ray checks); an explicit CUDA ``model.device``
+    needs ``client_gpus`` > 0, since Ray hides the GPUs from clients that reserve none."""
+    from fedge.devices import DeviceError, check_client_gpus, resolve_device
+
+    try:
+        if not cfg.simulation.ray_address:  # on a cluster the workers' GPUs count, not this machine's
+            check_client_gpus(cfg.simulation.client_gpus, cuda_available=cuda_available)
+        resolve_device(cfg.model.device, cfg.model.dtype, cuda_available=cuda_available)  # the server's evaluator
+    except DeviceError as err:
+        raise fcfg.ConfigError(str(err)) from None
+    if cfg.model.device.startswith("cuda") and cfg.simulation.client_gpus == 0:
+        raise fcfg.ConfigError(f"model.device {cfg.model.device!r} with simulation.client_gpus 0: Ray hides the "
+                               "GPUs from clients that reserve none; set simulation.client_gpus (e.g. 0.25)")
 
 
 def _mods(cfg: fcfg.RunConfig) -> list:
@@ -139,6 +166,49 @@ def pin_trusted_key(cfg: fcfg.RunConfig, state_root: Path) -> Path:
     return pin
 
 
+# What the clients read from the environment (set in :func:`simulate`). A local Ray's workers inherit
+# this process's environment; on an existing cluster they are started by its raylets, so it travels
+# as the job's runtime_env instead.
+CLIENT_ENV = ("FEDGE_TORCH_THREADS", "OMP_NUM_THREADS", "FEDGE_CLIENT_STATE", "FEDGE_CACHE", "PYTHONWARNINGS",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, *, verbose: bool = False) -> Iterator[None]:
+    """Within the block, this process is a driver of the Ray cluster at ``address`` (None: do nothing).
+
+    Flower's Ray backend calls ``ray.init`` only when Ray is not initialised yet, and passes its
+    own ``runtime_env`` (PYTHONPATH only), so its ``init_args`` cannot carry the clients'
+    environment; connecting here first gives the job both. Disconnecting leaves the cluster up.
+    """
+    if not address:
+        yield
+        return
+    import ray
+
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        # ray.init retries an unreachable GCS for minutes, without saying so: ask once, briefly.
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as err:
+            raise fcfg.ConfigError(f"simulation.ray_address {address!r}: no Ray head answers there ({err}); "
+                                   "start one with `ray start --head` (docs/scale-out.md)") from None
+
+    pythonpath = os.pathsep.join(sys.path + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {k: os.environ[k] for k in CLIENT_ENV if k in os.environ} | {"PYTHONPATH": pythonpath}
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="info" if verbose else "error",
+                 log_to_driver=True)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise fcfg.ConfigError(f"simulation.ray_address {address!r}: cannot attach to a Ray cluster there "
+                               f"({type(err).__name__}: {err})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()  # the driver disconnects; Flower may have done so already
+
+
 def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], None] | None = None,
              verbose: bool = False, resume: bool = False, force: bool = False) -> dict:
     """Run the scenario; return the run summary (also written to ``run_dir``)."""
@@ -161,6 +231,9 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     # Ray workers inherit this environment: pin client threads, stay offline-safe.
     os.environ["FEDGE_TORCH_THREADS"] = str(cfg.simulation.torch_threads)
     os.environ["OMP_NUM_THREADS"] = str(cfg.simulation.torch_threads)
+    # Clients that reserve no GPU see none (model.device auto -> cpu): Ray's default today, pinned
+    # because Ray announces it will stop hiding GPUs from num_gpus=0 workers.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
     # Per-client state that must survive a restart (DP-SGD accountant histories).
     os.environ["FEDGE_CLIENT_STATE"] = str((run_dir / "client-state").resolve())
     if cfg.export.enabled:
@@ -173,13 +246,14 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     result: dict = {}
     # Flower's per-node delivery stalls with thousands of virtual clients (checked; see fedge/flower_patches.py)
     flower_patches.install_one_sweep_delivery()
-    run_simulation(
-        server_app=server.app.make_app(str(config_file), run_dir, on_round, result, resume=resume, force=force),
-        client_app=clients.app.make_app(str(config_file.resolve()), mods=_mods(cfg)),
-        num_supernodes=cfg.data.num_clients,
-        backend_config=backend_config(cfg),
-        verbose_logging=verbose,
-    )
+    with ray_cluster(cfg.simulation.ray_address, verbose=verbose):
+        run_simulation(
+            server_app=server.app.make_app(str(config_file), run_dir, on_round, result, resume=resume, force=force),
+            client_app=clients.app.make_app(str(config_file.resolve()), mods=_mods(cfg)),
+            num_supernodes=cfg.data.num_clients,
+            backend_config=backend_config(cfg),
+            verbose_logging=verbose,
+        )
     if "error" in result:
         raise result["error"]
     if not result:

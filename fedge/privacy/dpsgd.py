@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from fedge.data.tokenize import collate
+from fedge.devices import model_device, to_device
 from fedge.privacy import accounting
 from fedge.train import make_optimizer, per_example_loss
 
@@ -127,7 +128,8 @@ def dp_sgd_steps(
     """Run one DP-SGD step per index batch; no accounting, no checks (use :func:`train_local_dp`).
 
     ``noise_multiplier`` may be 0 here only so that tests can compare the clipping
-    against a slow per-example loop.
+    against a slow per-example loop. Batches go to the model's device; ``generator``
+    must live there too (Opacus draws the noise on the parameters' device).
     """
     from opacus.grad_sample import GradSampleHooks
     from opacus.optimizers import DPOptimizer
@@ -136,6 +138,7 @@ def dp_sgd_steps(
                          expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
                          secure_mode=True)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    device = model_device(model)
     loss_sum, loss_n = 0.0, 0
 
     def step(idx: np.ndarray) -> None:
@@ -149,7 +152,7 @@ def dp_sgd_steps(
         size = max_physical_batch or len(idx)
         chunks = [idx[s:s + size] for s in range(0, len(idx), size)]
         for j, chunk in enumerate(chunks):
-            batch = collate([examples[i] for i in chunk], task=task, pad_id=pad_id)
+            batch = to_device(collate([examples[i] for i in chunk], task=task, pad_id=pad_id), device)
             losses = per_example_loss(model, batch, task=task)
             # Hooks rescale by the chunk size: grad_sample = ∇ℓ_i. (torch leaves backward untyped.)
             losses.mean().backward()  # type: ignore[no-untyped-call]
@@ -224,7 +227,7 @@ def train_local_dp(
 
     entropy = secrets.randbits(63) if seed is None else int(seed)
     rng = np.random.default_rng(entropy)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    gen = torch.Generator(device=model_device(model)).manual_seed(int(rng.integers(2**62)))
     # Separate head step (post-processing: the noise is added before the optimizer).
     opt = make_optimizer(model, lr=lr, head_lr=head_lr, head_optimizer=head_optimizer, weight_decay=weight_decay)
     batches = poisson_batches(n, sample_rate=q, steps=steps, rng=rng)
