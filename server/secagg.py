@@ -22,12 +22,18 @@ The server then holds Σ_{i∈U4} x_i and nothing else: it rebuilds b_i for surv
 and s_sk_j for clients that dropped after sharing (to cancel their pair masks), and it
 never asks for both secrets of one client. A round whose secrets cannot be rebuilt
 (fewer than t shares) keeps the global adapter, like a round with too few replies.
+
+``SecureRound`` holds one round's state with one method per stage (``setup``,
+``share_keys``, ``masked_input``, ``consistency_check``, ``unmask``, then ``reconstruct``
+and ``aggregate``); ``secure_train_round`` runs them in order and stops where too few
+clients are left.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,169 +76,263 @@ def _stage(grid, nodes: dict[int, int], fields: dict[int, dict], msg_type: str, 
 def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, arrays: ArrayRecord,
                        train_cfg: ConfigRecord, *, params: SecAggParams, timeout: float,
                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """Sample, run the four stages, aggregate Σ w_i Δ_i through ``strategy.aggregate_secure``."""
-    planned = list(strategy.configure_train(server_round, arrays, train_cfg, grid))
-    rep = strategy.report
-    nodes = {i + 1: int(m.metadata.dst_node_id) for i, m in enumerate(planned)}  # index 1..n in sampled order
-    n, ttl = len(nodes), strategy.message_ttl
-    content = planned[0].content
-    rid = os.urandom(16)
-    graph = S.neighbours(n, params.neighbours or n - 1, seed=int.from_bytes(rid[:8], "little"))
-    t = S.threshold_for(1 + max(len(v) for v in graph.values()), params.threshold)
-    floor = max(t, strategy.min_replies, 2)  # never unmask fewer than 2: a sum of one is the update
-    overhead = 0
+    """Sample, run the five stages, aggregate Σ w_i Δ_i through ``strategy.aggregate_secure``.
 
-    def drop(i: int, why: str) -> None:
-        rep.rejected.append((nodes[i], f"secagg: {why}"))
-        log.warning("round %d: secure aggregation dropped client %d (node %d): %s", server_round, i, nodes[i], why)
+    Stops (global adapter kept, ``(None, metrics)``) as soon as fewer than
+    max(t, ``strategy.min_replies``, 2) clients are left, or when a secret cannot be rebuilt.
+    """
+    rnd = SecureRound(grid, strategy, server_round, arrays, train_cfg, params=params, timeout=timeout)
+    for stage, run in (("setup", rnd.setup), ("share keys", rnd.share_keys),
+                       ("masked input", rnd.masked_input), ("consistency check", rnd.consistency_check)):
+        alive = run()
+        if alive < rnd.floor:
+            return rnd.too_few(stage, alive)
+    rnd.unmask()
+    total = rnd.reconstruct()
+    if total is None:
+        return None, rnd.nothing_accepted()
+    return rnd.aggregate(total)
 
-    def too_few(stage: str, alive: int) -> tuple[None, MetricRecord]:
+
+class SecureRound:
+    """One secure round's state, filled stage by stage (clients by index 1..n in sampled order).
+
+    Each stage method sends one message per remaining client, keeps the clients whose reply
+    passes its checks and returns how many are left; ``secure_train_round`` stops the round
+    when that is below ``floor``. U2..U5 below are the survivor sets of the module docstring.
+    """
+
+    def __init__(self, grid: Grid, strategy: DeltaStrategy, server_round: int, arrays: ArrayRecord,
+                 train_cfg: ConfigRecord, *, params: SecAggParams, timeout: float) -> None:
+        self.grid, self.strategy, self.server_round = grid, strategy, server_round
+        self.params, self.timeout = params, timeout
+        self.planned = list(strategy.configure_train(server_round, arrays, train_cfg, grid))
+        self.rep = strategy.report
+        self.nodes = {i + 1: int(m.metadata.dst_node_id) for i, m in enumerate(self.planned)}  # index -> node id
+        self.n, self.ttl = len(self.nodes), strategy.message_ttl
+        self.content = self.planned[0].content
+        self.rid = os.urandom(16)  # fresh round id: binds every key, share and signature to this round
+        self.graph = S.neighbours(self.n, params.neighbours or self.n - 1, seed=int.from_bytes(self.rid[:8], "little"))
+        self.t = S.threshold_for(1 + max(len(v) for v in self.graph.values()), params.threshold)
+        self.floor = max(self.t, strategy.min_replies, 2)  # never unmask fewer than 2: a sum of one is the update
+        self.overhead = 0  # protocol bytes up (keys, signatures, ciphertexts, shares)
+        self.pks: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}  # U2: index -> (c_pk, s_pk, identity key, sig)
+        self.nbrs: dict[int, list[int]] = {}  # index -> its neighbours in U2
+        self.cts: dict[int, dict[int, bytes]] = {}  # U3: index -> neighbour -> ciphertext of a share for it
+        self.srcs: dict[int, list[int]] = {}  # index in U3 -> the clients whose shares it holds
+        self.shapes: dict[str, tuple[int, ...]] = {}  # tensor name -> shape of the expected update
+        self.names: list[str] = []
+        self.size = 0  # length of a masked vector: every tensor's values, then P.SA_SCALARS
+        self.masked: dict[int, np.ndarray] = {}  # U4: index -> masked vector
+        self.metrics: dict[int, dict] = {}
+        self.u4: list[int] = []
+        self.dropped: list[int] = []  # U3 \ U4: dropped after sharing
+        self.u4_sigs: dict[int, bytes] = {}  # U5: index -> its signature over U4
+        self.u5: list[int] = []
+        self.b_shares: dict[int, list[bytes]] = {}
+        self.s_shares: dict[int, list[bytes]] = {}
+        self.answered = 0
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _send(self, indices: Iterable[int], fields: dict[int, dict], msg_type: str,
+              content: RecordDict | None = None) -> dict[int, Message]:
+        """Send one stage to ``indices``; return index -> reply."""
+        return _stage(self.grid, {i: self.nodes[i] for i in indices}, fields, msg_type, self.timeout, self.ttl,
+                      content=content)
+
+    def _drop(self, i: int, why: str) -> None:
+        self.rep.rejected.append((self.nodes[i], f"secagg: {why}"))
+        log.warning("round %d: secure aggregation dropped client %d (node %d): %s", self.server_round, i,
+                    self.nodes[i], why)
+
+    def nothing_accepted(self) -> MetricRecord:
+        return MetricRecord({"accepted": 0, "rejected": len(self.rep.rejected)})
+
+    def too_few(self, stage: str, alive: int) -> tuple[None, MetricRecord]:
+        """Stop the round at ``stage``: ``alive`` < floor clients left, global adapter kept."""
         log.warning("round %d: secure aggregation stopped at %s: %d clients left, %d needed: global adapter kept",
-                    server_round, stage, alive, floor)
-        rep.secure = {"stage_failed": stage, "survivors": alive, "threshold": t}
-        return None, MetricRecord({"accepted": 0, "rejected": len(rep.rejected)})
+                    self.server_round, stage, alive, self.floor)
+        self.rep.secure = {"stage_failed": stage, "survivors": alive, "threshold": self.t}
+        return None, self.nothing_accepted()
 
-    # 1. setup: public keys, signed with each client's identity key
-    replies = _stage(grid, nodes, {i: {P.SA_ROUND_ID: rid, P.SA_INDEX: i} for i in nodes}, P.SA_SETUP_TYPE,
-                     timeout, ttl)
-    pks: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}  # index -> (c_pk, s_pk, identity key, signature)
-    for i in nodes:
-        sa = _record(replies.get(i))
-        if isinstance(sa, str):
-            drop(i, f"setup: {sa}")
-            continue
-        c, s = bytes(sa.get(P.SA_C_PK, b"")), bytes(sa.get(P.SA_S_PK, b""))
-        vk, sig = bytes(sa.get(P.SA_ID_KEY, b"")), bytes(sa.get(P.SA_KEY_SIG, b""))
-        if len(c) != 32 or len(s) != 32 or len(vk) != 32:
-            drop(i, "setup: public keys are not 32-byte X25519/Ed25519 keys")
-            continue
-        if not S.verify(vk, S.keys_message(rid, i, c, s), sig):  # its peers would refuse the round
-            drop(i, "setup: the signature on its public keys does not verify")
-            continue
-        pks[i] = (c, s, vk, sig)
-        overhead += 32 * 3 + len(sig)
-    if len(pks) < floor:
-        return too_few("setup", len(pks))
+    # -- stages ---------------------------------------------------------------------------
 
-    # 2. share keys: each client gets its neighbours' signed public keys, returns encrypted shares
-    u2 = sorted(pks)
-    nbrs = {i: [j for j in graph[i] if j in pks] for i in u2}
-    fields = {i: {P.SA_ROUND_ID: rid, P.SA_NEIGHBOURS: nbrs[i],
-                  P.SA_NAMES: [strategy.client_name(nodes[j]) for j in nbrs[i]],
-                  P.SA_C_PKS: [pks[j][0] for j in nbrs[i]], P.SA_S_PKS: [pks[j][1] for j in nbrs[i]],
-                  P.SA_ID_KEYS: [pks[j][2] for j in nbrs[i]], P.SA_KEY_SIGS: [pks[j][3] for j in nbrs[i]],
-                  P.SA_THRESHOLD: t} for i in u2}
-    replies = _stage(grid, {i: nodes[i] for i in u2}, fields, P.SA_SHARE_TYPE, timeout, ttl)
-    cts: dict[int, dict[int, bytes]] = {}
-    for i in u2:
-        sa = _record(replies.get(i))
-        if isinstance(sa, str):
-            drop(i, f"share keys: {sa}")
-            continue
-        dst, blobs = [int(j) for j in sa.get(P.SA_DST, [])], [bytes(b) for b in sa.get(P.SA_CIPHERTEXTS, [])]
-        if sorted(dst) != nbrs[i] or len(blobs) != len(dst):
-            drop(i, "share keys: not exactly one ciphertext per neighbour")
-            continue
-        cts[i] = dict(zip(dst, blobs))
-        overhead += sum(len(b) for b in blobs)
-    if len(cts) < floor:
-        return too_few("share keys", len(cts))
+    def setup(self) -> int:
+        """Stage 1 (U1 → U2): collect each client's two public keys, signed with its identity key.
 
-    # 3. masked input: train, mask with the neighbours whose shares arrived
-    u3 = sorted(cts)
-    srcs = {i: [j for j in u3 if i in cts[j]] for i in u3}
-    fields = {i: {P.SA_ROUND_ID: rid, P.SA_SRC: srcs[i], P.SA_CIPHERTEXTS: [cts[j][i] for j in srcs[i]],
-                  P.SA_FRACTION_BITS: params.fraction_bits, P.SA_NUM: n, P.SA_WEIGHTED: bool(strategy.weighted)}
-              for i in u3}
-    shapes = strategy.expected_shapes(planned[0])
-    names = sorted(shapes)
-    size = sum(int(np.prod(shapes[k], dtype=np.int64)) for k in names) + len(P.SA_SCALARS)
-    replies = _stage(grid, {i: nodes[i] for i in u3}, fields, P.SA_TRAIN_TYPE, timeout, ttl, content=content)
-    masked: dict[int, np.ndarray] = {}
-    metrics: dict[int, dict] = {}
-    for i in u3:
-        r = replies.get(i)
-        try:
-            masked[i], metrics[i] = _masked_reply(r, strategy.base_hash, size)
-        except deltas.InvalidUpdate as err:
-            drop(i, f"masked input: {err}")
-    if len(masked) < floor:
-        return too_few("masked input", len(masked))
+        Drops a client whose keys are not 32 bytes (X25519/Ed25519) or whose signature over
+        (round id, index, c_pk, s_pk) does not verify: its peers would refuse the round.
+        """
+        rid = self.rid
+        replies = self._send(self.nodes, {i: {P.SA_ROUND_ID: rid, P.SA_INDEX: i} for i in self.nodes},
+                             P.SA_SETUP_TYPE)
+        for i in self.nodes:
+            sa = _record(replies.get(i))
+            if isinstance(sa, str):
+                self._drop(i, f"setup: {sa}")
+                continue
+            c, s = bytes(sa.get(P.SA_C_PK, b"")), bytes(sa.get(P.SA_S_PK, b""))
+            vk, sig = bytes(sa.get(P.SA_ID_KEY, b"")), bytes(sa.get(P.SA_KEY_SIG, b""))
+            if len(c) != 32 or len(s) != 32 or len(vk) != 32:
+                self._drop(i, "setup: public keys are not 32-byte X25519/Ed25519 keys")
+                continue
+            if not S.verify(vk, S.keys_message(rid, i, c, s), sig):  # its peers would refuse the round
+                self._drop(i, "setup: the signature on its public keys does not verify")
+                continue
+            self.pks[i] = (c, s, vk, sig)
+            self.overhead += 32 * 3 + len(sig)
+        return len(self.pks)
 
-    # 4. consistency check: every survivor signs U4 (so no two clients can be shown different sets)
-    u4, dropped = sorted(masked), sorted(set(u3) - set(masked))
-    replies = _stage(grid, {i: nodes[i] for i in u4}, {i: {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: u4} for i in u4},
-                     P.SA_CHECK_TYPE, timeout, ttl)
-    u4_sigs: dict[int, bytes] = {}
-    for i in u4:
-        sa = _record(replies.get(i))
-        sig = b"" if isinstance(sa, str) else bytes(sa.get(P.SA_SIGNATURE, b""))
-        if S.verify(pks[i][2], S.survivors_message(rid, u4), sig):
-            u4_sigs[i] = sig
-            overhead += len(sig)
-        else:  # its masked vector stays in the sum; it just is not asked for shares
-            log.warning("round %d: client %d did not sign the survivor set: %s", server_round, i,
-                        sa if isinstance(sa, str) else "bad signature")
-    if len(u4_sigs) < floor:
-        return too_few("consistency check", len(u4_sigs))
+    def share_keys(self) -> int:
+        """Stage 2 (U2 → U3): hand each client its neighbours' signed keys; collect encrypted shares.
 
-    # 5. unmask: each client hears only about the neighbours whose shares it holds
-    u5 = sorted(u4_sigs)
-    fields = {}
-    for i in u5:
-        holding = set(srcs[i]) | {i}
-        signers = [j for j in u5 if j != i and j in nbrs[i]]
-        fields[i] = {P.SA_ROUND_ID: rid, P.SA_SURVIVORS: [j for j in u4 if j in holding],
-                     P.SA_DROPPED: [j for j in dropped if j in holding],
-                     P.SA_SIGNERS: signers, P.SA_SIGNATURES: [u4_sigs[j] for j in signers]}
-    replies = _stage(grid, {i: nodes[i] for i in u5}, fields, P.SA_UNMASK_TYPE, timeout, ttl)
-    b_shares: dict[int, list[bytes]] = {i: [] for i in u4}
-    s_shares: dict[int, list[bytes]] = {j: [] for j in dropped}
-    answered = 0
-    for i in u5:
-        sa = _record(replies.get(i))
-        if isinstance(sa, str):
-            log.warning("round %d: client %d gave no shares: %s", server_round, i, sa)
-            continue
-        answered += 1
-        for j, kind, share in zip(sa.get(P.SA_SHARE_OF, []), sa.get(P.SA_SHARE_KIND, []), sa.get(P.SA_SHARES, [])):
-            target = b_shares if int(kind) == 0 else s_shares
-            if int(j) in target:
-                target[int(j)].append(bytes(share))
-                overhead += len(share)
-    total = np.zeros(size, np.uint64)
-    for i in u4:
-        total = total + masked[i]
-    try:
+        Each client is told only about its neighbours in U2 (with their names, so it can check the
+        identity keys it pinned). Drops a client that does not return exactly one ciphertext per
+        neighbour.
+        """
+        pks = self.pks
+        u2 = sorted(pks)
+        self.nbrs = nbrs = {i: [j for j in self.graph[i] if j in pks] for i in u2}
+        fields = {i: {P.SA_ROUND_ID: self.rid, P.SA_NEIGHBOURS: nbrs[i],
+                      P.SA_NAMES: [self.strategy.client_name(self.nodes[j]) for j in nbrs[i]],
+                      P.SA_C_PKS: [pks[j][0] for j in nbrs[i]], P.SA_S_PKS: [pks[j][1] for j in nbrs[i]],
+                      P.SA_ID_KEYS: [pks[j][2] for j in nbrs[i]], P.SA_KEY_SIGS: [pks[j][3] for j in nbrs[i]],
+                      P.SA_THRESHOLD: self.t} for i in u2}
+        replies = self._send(u2, fields, P.SA_SHARE_TYPE)
+        for i in u2:
+            sa = _record(replies.get(i))
+            if isinstance(sa, str):
+                self._drop(i, f"share keys: {sa}")
+                continue
+            dst, blobs = [int(j) for j in sa.get(P.SA_DST, [])], [bytes(b) for b in sa.get(P.SA_CIPHERTEXTS, [])]
+            if sorted(dst) != nbrs[i] or len(blobs) != len(dst):
+                self._drop(i, "share keys: not exactly one ciphertext per neighbour")
+                continue
+            self.cts[i] = dict(zip(dst, blobs))
+            self.overhead += sum(len(b) for b in blobs)
+        return len(self.cts)
+
+    def masked_input(self) -> int:
+        """Stage 3 (U3 → U4): train; each client masks with the neighbours whose shares reached it.
+
+        Drops a client whose reply is missing or an error, lacks arrays/meta/metrics, was trained
+        from another base model, or whose masked vector is not one uint64 vector of the expected
+        length (``_masked_reply``).
+        """
+        cts = self.cts
+        u3 = sorted(cts)
+        self.srcs = srcs = {i: [j for j in u3 if i in cts[j]] for i in u3}
+        fields = {i: {P.SA_ROUND_ID: self.rid, P.SA_SRC: srcs[i], P.SA_CIPHERTEXTS: [cts[j][i] for j in srcs[i]],
+                      P.SA_FRACTION_BITS: self.params.fraction_bits, P.SA_NUM: self.n,
+                      P.SA_WEIGHTED: bool(self.strategy.weighted)}
+                  for i in u3}
+        self.shapes = self.strategy.expected_shapes(self.planned[0])
+        self.names = sorted(self.shapes)
+        self.size = sum(int(np.prod(self.shapes[k], dtype=np.int64)) for k in self.names) + len(P.SA_SCALARS)
+        replies = self._send(u3, fields, P.SA_TRAIN_TYPE, content=self.content)
+        for i in u3:
+            r = replies.get(i)
+            try:
+                self.masked[i], self.metrics[i] = _masked_reply(r, self.strategy.base_hash, self.size)
+            except deltas.InvalidUpdate as err:
+                self._drop(i, f"masked input: {err}")
+        return len(self.masked)
+
+    def consistency_check(self) -> int:
+        """Stage 4 (U4 → U5): every survivor signs U4, so no two clients can be shown different sets.
+
+        A client whose signature over (round id, U4) does not verify under its identity key is
+        not asked for shares, but its masked vector stays in the sum (it is not dropped).
+        """
+        u4 = self.u4 = sorted(self.masked)
+        self.dropped = sorted(set(self.cts) - set(self.masked))
+        replies = self._send(u4, {i: {P.SA_ROUND_ID: self.rid, P.SA_SURVIVORS: u4} for i in u4}, P.SA_CHECK_TYPE)
         for i in u4:
-            total = total - S.prg(_rebuild(b_shares[i], t, f"self-mask seed of client {i}"), size)
-        for j in dropped:
-            sk = _rebuild(s_shares[j], t, f"mask key of dropped client {j}")
-            joined = [i for i in u4 if j in srcs[i]]
-            total = total - S.pair_masks_of_dropped(dropped=j, dropped_private=sk,
-                                                    public_keys={i: pks[i][1] for i in joined},
-                                                    survivors=joined, round_id=rid, size=size)
-    except S.SecAggError as err:
-        log.warning("round %d: secure aggregation cannot unmask (%s): global adapter kept", server_round, err)
-        rep.secure = {"stage_failed": "unmask", "survivors": len(u4), "threshold": t, "error": str(err)}
-        return None, MetricRecord({"accepted": 0, "rejected": len(rep.rejected)})
+            sa = _record(replies.get(i))
+            sig = b"" if isinstance(sa, str) else bytes(sa.get(P.SA_SIGNATURE, b""))
+            if S.verify(self.pks[i][2], S.survivors_message(self.rid, u4), sig):
+                self.u4_sigs[i] = sig
+                self.overhead += len(sig)
+            else:  # its masked vector stays in the sum; it just is not asked for shares
+                log.warning("round %d: client %d did not sign the survivor set: %s", self.server_round, i,
+                            sa if isinstance(sa, str) else "bad signature")
+        return len(self.u4_sigs)
 
-    flat = S.decode_fixed(total, fraction_bits=params.fraction_bits)
-    sums, at = {}, 0
-    for k in names:
-        m = int(np.prod(shapes[k], dtype=np.int64))
-        sums[k] = flat[at:at + m].reshape(shapes[k])
-        at += m
-    scal = dict(zip(P.SA_SCALARS, flat[at:].tolist()))
-    rep.secure = {"survivors": len(u4), "dropped_after_sharing": len(dropped), "threshold": t,
-                  "neighbours": max(len(v) for v in graph.values()), "signed_survivor_set": len(u5),
-                  "unmask_replies": answered,
-                  "overhead_bytes": overhead}
-    rep.client_metrics = {strategy.client_name(nodes[i]): metrics[i] for i in u4}
-    rep.bytes_up = int(sum(m.get(P.M_BYTES_UP, 0) for m in metrics.values()))
-    return strategy.aggregate_secure(server_round, sums, weight_sum=scal["weight"],
-                                     loss_sum=scal["weighted-loss"], loss_weight=scal["loss-weight"],
-                                     unclipped_sum=scal["unclipped"], accepted=len(u4))
+    def unmask(self) -> None:
+        """Stage 5 (U5): collect b shares of survivors and s_sk shares of U3 \\ U4 from U5.
+
+        Each client hears only about the neighbours whose shares it holds, with its neighbours'
+        signatures over U4 (it refuses with fewer than t). Shares of any other client are ignored;
+        a client that gives none is logged and the round goes on.
+        """
+        self.u5 = u5 = sorted(self.u4_sigs)
+        fields = {}
+        for i in u5:
+            holding = set(self.srcs[i]) | {i}
+            signers = [j for j in u5 if j != i and j in self.nbrs[i]]
+            fields[i] = {P.SA_ROUND_ID: self.rid, P.SA_SURVIVORS: [j for j in self.u4 if j in holding],
+                         P.SA_DROPPED: [j for j in self.dropped if j in holding],
+                         P.SA_SIGNERS: signers, P.SA_SIGNATURES: [self.u4_sigs[j] for j in signers]}
+        replies = self._send(u5, fields, P.SA_UNMASK_TYPE)
+        self.b_shares = {i: [] for i in self.u4}
+        self.s_shares = {j: [] for j in self.dropped}
+        for i in u5:
+            sa = _record(replies.get(i))
+            if isinstance(sa, str):
+                log.warning("round %d: client %d gave no shares: %s", self.server_round, i, sa)
+                continue
+            self.answered += 1
+            for j, kind, share in zip(sa.get(P.SA_SHARE_OF, []), sa.get(P.SA_SHARE_KIND, []), sa.get(P.SA_SHARES, [])):
+                target = self.b_shares if int(kind) == 0 else self.s_shares
+                if int(j) in target:
+                    target[int(j)].append(bytes(share))
+                    self.overhead += len(share)
+
+    def reconstruct(self) -> np.ndarray | None:
+        """Σ_{i∈U4} y_i − PRG(b_i) − the pair masks survivors added for U3 \\ U4 (mod 2^64).
+
+        Rebuilds each b_i and each dropped client's s_sk from t shares; with fewer, logs why,
+        records ``stage_failed: unmask`` and returns None (global adapter kept).
+        """
+        total = np.zeros(self.size, np.uint64)
+        for i in self.u4:
+            total = total + self.masked[i]
+        try:
+            for i in self.u4:
+                total = total - S.prg(_rebuild(self.b_shares[i], self.t, f"self-mask seed of client {i}"), self.size)
+            for j in self.dropped:
+                sk = _rebuild(self.s_shares[j], self.t, f"mask key of dropped client {j}")
+                joined = [i for i in self.u4 if j in self.srcs[i]]
+                total = total - S.pair_masks_of_dropped(dropped=j, dropped_private=sk,
+                                                        public_keys={i: self.pks[i][1] for i in joined},
+                                                        survivors=joined, round_id=self.rid, size=self.size)
+        except S.SecAggError as err:
+            log.warning("round %d: secure aggregation cannot unmask (%s): global adapter kept", self.server_round, err)
+            self.rep.secure = {"stage_failed": "unmask", "survivors": len(self.u4), "threshold": self.t,
+                               "error": str(err)}
+            return None
+        return total
+
+    def aggregate(self, total: np.ndarray) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode the fixed-point sum into Σ w_i Δ_i per tensor and the summed scalars; report; aggregate."""
+        flat = S.decode_fixed(total, fraction_bits=self.params.fraction_bits)
+        sums, at = {}, 0
+        for k in self.names:
+            m = int(np.prod(self.shapes[k], dtype=np.int64))
+            sums[k] = flat[at:at + m].reshape(self.shapes[k])
+            at += m
+        scal = dict(zip(P.SA_SCALARS, flat[at:].tolist()))
+        rep, u4 = self.rep, self.u4
+        rep.secure = {"survivors": len(u4), "dropped_after_sharing": len(self.dropped), "threshold": self.t,
+                      "neighbours": max(len(v) for v in self.graph.values()), "signed_survivor_set": len(self.u5),
+                      "unmask_replies": self.answered,
+                      "overhead_bytes": self.overhead}
+        rep.client_metrics = {self.strategy.client_name(self.nodes[i]): self.metrics[i] for i in u4}
+        rep.bytes_up = int(sum(m.get(P.M_BYTES_UP, 0) for m in self.metrics.values()))
+        return self.strategy.aggregate_secure(self.server_round, sums, weight_sum=scal["weight"],
+                                              loss_sum=scal["weighted-loss"], loss_weight=scal["loss-weight"],
+                                              unclipped_sum=scal["unclipped"], accepted=len(u4))
 
 
 def _record(r: Message | None) -> ConfigRecord | str:
