@@ -39,20 +39,26 @@ class FFALoRA(DeltaStrategy):
 
     name = "ffa-lora"
     paper = "Sun et al. 2024, arXiv:2403.12313"
+    freeze_key = P.CFG_FREEZE_A  # the round-config key that makes clients freeze (fedge.lora_fed)
+
+    @staticmethod
+    def frozen(name: str) -> bool:
+        """Whether the tensor ``name`` stays at its initialisation (and replies leave it out)."""
+        return is_lora_a(name)
 
     def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
-        return {P.CFG_FREEZE_A: True}
+        return {self.freeze_key: True}
 
     def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
         assert self.current is not None, "configure_train sets A_t first"
-        return {k: np.shape(v) for k, v in self.current.items() if not is_lora_a(k)}
+        return {k: np.shape(v) for k, v in self.current.items() if not self.frozen(k)}
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return deltas.weighted_mean(deltas_, weights, keys=[k for k in deltas_[0] if not is_lora_a(k)])
+        return deltas.weighted_mean(deltas_, weights, keys=[k for k in deltas_[0] if not self.frozen(k)])
 
     def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = sorted(k for k in current if not is_lora_a(k) and k not in aggregate)
+        missing = sorted(k for k in current if not self.frozen(k) and k not in aggregate)
         if missing:
             raise ValueError(f"aggregate lacks trained tensors {missing[:3]}")
-        step = {k: np.zeros(np.shape(v)) if is_lora_a(k) else aggregate[k] for k, v in current.items()}
+        step = {k: np.zeros(np.shape(v)) if self.frozen(k) else aggregate[k] for k, v in current.items()}
         return deltas.apply_delta(current, step)

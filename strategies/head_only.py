@@ -21,39 +21,28 @@ trainable head (task sequence-classification); a causal LM would train nothing.
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ConfigRecordValues, Message
+from flwr.app import Message
 
-from fedge import deltas
 from fedge import protocol as P
 from fedge.lora_fed import is_lora
-from strategies.base import DeltaStrategy
+from strategies.ffa_lora import FFALoRA
 from strategies.registry import register
 
 
 @register("head-only")
-class HeadOnly(DeltaStrategy):
-    """Head only (linear probe): the adapter frozen at its initialisation; the example-weighted mean of the head deltas."""
+class HeadOnly(FFALoRA):
+    """Head only (linear probe): the adapter frozen at its initialisation; the example-weighted mean of the head."""
 
     name = "head-only"
     paper = "Tramèr & Boneh 2021, arXiv:2011.11660"
+    freeze_key = P.CFG_FREEZE_ADAPTER
 
-    def round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
-        return {P.CFG_FREEZE_ADAPTER: True}
+    @staticmethod
+    def frozen(name: str) -> bool:
+        return is_lora(name)
 
     def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]]:
-        assert self.current is not None, "configure_train sets A_t first"
-        shapes = {k: np.shape(v) for k, v in self.current.items() if not is_lora(k)}
+        shapes = super().expected_shapes(msg)
         if not shapes:
             raise ValueError("head-only: the adapter has no head to train (task sequence-classification has one)")
         return shapes
-
-    def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return deltas.weighted_mean(deltas_, weights, keys=[k for k in deltas_[0] if not is_lora(k)])
-
-    def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = sorted(k for k in current if not is_lora(k) and k not in aggregate)
-        if missing:
-            raise ValueError(f"aggregate lacks trained tensors {missing[:3]}")
-        step = {k: np.zeros(np.shape(v)) if is_lora(k) else aggregate[k] for k, v in current.items()}
-        return deltas.apply_delta(current, step)
