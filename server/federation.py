@@ -20,11 +20,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 import strategies
@@ -102,7 +103,7 @@ def _require_secure_rule(inner: strategies.DeltaStrategy, name: str) -> None:
         except ValueError:
             why = "its aggregate is not a weighted mean of the deltas"
     if why:
-        allowed = sorted(n for n, cls in strategies.available().items() if getattr(cls, "secure_aggregation", False))
+        allowed = sorted(n for n, cls in strategies.available().items() if cls.secure_aggregation)
         raise strategies.StrategyError(f"secure_aggregation.enabled with strategy {name!r}: {why}; "
                                        f"strategies that work with it: {allowed}")
 
@@ -179,9 +180,8 @@ def _rss_mb() -> float:
 
 def record_privacy(ledger: PrivacyLedger, strategy: strategies.DeltaStrategy, rnd: int) -> None:
     """Charge this round: the server's release (if it noised one) and each client's DP-SGD steps."""
-    event = getattr(strategy, "last_event", None)
-    if event is not None:
-        ledger.record(event)
+    if strategy.last_event is not None:
+        ledger.record(strategy.last_event)
     for name, m in sorted(strategy.report.client_metrics.items()):
         if P.M_DP_NOISE in m:
             ledger.record(ClientDPSGD(client=name, round=rnd, noise_multiplier=m[P.M_DP_NOISE],
@@ -258,13 +258,13 @@ def history_round(rows: list[dict]) -> int:
     return rows[-1]["round"] if rows else 0
 
 
-def _checkpoint(run_dir: Path, rnd: int, adapter: dict, strategy, digest: str, ledger: PrivacyLedger, *,
+def _checkpoint(run_dir: Path, rnd: int, adapter: dict, strategy: strategies.DeltaStrategy, digest: str, ledger: PrivacyLedger, *,
                 trained: dict) -> None:
     """Round ``rnd``'s server state, written once the round is released (before anything leaves);
     ``trained`` is the round's training row, reported after a crash. Secret cohorts (user-level
     DP) travel only in here (files 0600)."""
     extra = {"ledger": ledger.to_json(), "trained": trained}
-    if getattr(strategy, "cohorts", None):
+    if strategy.cohorts:
         extra["cohorts"] = {str(r): c for r, c in strategy.cohorts.items()}
     try:
         checkpoint.save(run_dir, round=rnd, adapter=adapter, strategy_state=strategy.state_dict(),
@@ -273,6 +273,236 @@ def _checkpoint(run_dir: Path, rnd: int, adapter: dict, strategy, digest: str, l
         raise checkpoint.CheckpointError(
             f"cannot write the round {rnd} checkpoint in {run_dir}: {err.strerror or err}; rounds up to "
             f"{rnd - 1} are checkpointed: free space, then resume (fedge simulate --resume {run_dir})") from None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round produced: its metrics row as published (``row["seconds"]`` is its wall
+    time) and the new global adapter A_t (None: too few valid replies, A_{t-1} kept)."""
+
+    row: dict
+    arrays: ArrayRecord | None
+
+
+class Federation:
+    """One run of the round loop: :meth:`start` or :meth:`resume`, :meth:`run_round` per round,
+    then :meth:`finish` (final adapter, export, summary, report).
+
+    Every round is charged to the privacy ledger and checkpointed before its adapter leaves the
+    server (evaluation clients): a crash resumes after that round and never releases it twice.
+    """
+
+    def __init__(self, grid: Grid, cfg: fcfg.RunConfig, run_dir: Path, tracker: Tracker, *,
+                 on_round: Callable[[dict], None] | None = None) -> None:
+        self.grid, self.cfg, self.run_dir, self.tracker, self.on_round = grid, cfg, run_dir, tracker, on_round
+        (run_dir / "config.yaml").write_text(fcfg.dump_yaml(cfg))
+        torch.set_num_threads(max(1, os.cpu_count() or 1))  # clients are idle while the server evaluates
+        self.t_start = time.perf_counter()
+        self.ev = Evaluator(cfg)
+        self.strategy = build_strategy(cfg, base_hash=self.ev.base.hash)
+        self.strategy.message_ttl = cfg.federation.round_timeout_s
+        self.strategy.summary()
+        self.train_cfg = round_config(cfg, base_hash=self.ev.base.hash, targets=self.ev.targets)
+        self.adapter = self.ev.initial_adapter()  # A_t as a dict (checkpoints, final export)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        progress.write_to(run_dir / "progress.json")  # replies so far, for `fedge server`'s live view
+        progress.withhold_counts(cfg.privacy.user_level.enabled)  # the realized cohort size is not released
+        self.digest = cfg.digest()
+        self.ledger = PrivacyLedger()
+        self.initial: dict = {}
+        self.central: dict = {}  # the last central evaluation
+        self.history: list[dict] = []  # published rows of rounds 1.. (the report's input)
+        ul = cfg.privacy.user_level
+        if ul.enabled and ul.target_epsilon:
+            # Refuse (before any message) a round that would pass the target ε, e.g. when fewer
+            # clients are connected than data.num_clients planned (fixed sampling: q = m/N grows).
+            self.strategy.release_guard = lambda event: self.ledger.check_release(
+                event, delta=ul.delta, target_epsilon=ul.target_epsilon)
+        sa = cfg.secure_aggregation
+        self.secure = SecAggParams(neighbours=sa.neighbours, threshold=sa.threshold,
+                                   fraction_bits=sa.fraction_bits) if sa.enabled else None
+        self.caught_up: set[int] = set()  # nodes already sent the published artifact in this run
+        self.arrays = deltas.to_record(self.adapter)
+
+    def start(self) -> int:
+        """Round 0: evaluate and checkpoint the fresh adapter; return the first round to run."""
+        self.metrics_path.write_text("")
+        self.central = self.initial = self.ev(self.adapter)
+        self._emit({"round": 0, "central_loss": self.central["loss"], "central_accuracy": self.central.get("accuracy"),
+                    "seconds": time.perf_counter() - self.t_start})
+        checkpoint.save(self.run_dir, round=0, adapter=self.adapter, strategy_state=self.strategy.state_dict(),
+                        config_digest=self.digest, extra={"ledger": self.ledger.to_json()})
+        return 1
+
+    def resume(self, *, force: bool = False) -> int:
+        """Continue after the last complete checkpointed round; return the first round to run.
+
+        Refused if the checkpoint was made with another config, unless ``force``."""
+        run_dir, strategy = self.run_dir, self.strategy
+        ck = checkpoint.load_latest(run_dir)
+        if ck.config_digest != self.digest and not force:
+            raise checkpoint.CheckpointError(
+                f"checkpoint round {ck.round} in {run_dir} was made with another config "
+                f"(digest {ck.config_digest[:12]} != {self.digest[:12]}); resume with the run's own "
+                "config.yaml, or force it")
+        self.adapter = ck.adapter
+        strategy.load_state_dict(ck.strategy_state)
+        self.ledger = PrivacyLedger.from_json(ck.extra["ledger"]) if "ledger" in ck.extra else PrivacyLedger()
+        strategy.cohorts.update({int(r): list(c) for r, c in ck.extra.get("cohorts", {}).items()})
+        rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if r["round"] <= ck.round]  # drop a half-finished round
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.initial = {"loss": rows[0]["central_loss"], "accuracy": rows[0].get("central_accuracy")}
+        self.history = rows[1:]
+        last = next((r for r in reversed(rows) if r.get("central_loss") is not None), rows[0])
+        self.central = {"loss": last["central_loss"], "accuracy": last.get("central_accuracy")}
+        log.info("resuming %s after round %d", run_dir, ck.round)
+        self.arrays = deltas.to_record(self.adapter)
+        if history_round(self.history) < ck.round and "trained" in ck.extra:
+            # Killed after round ck.round was released and checkpointed, before its row: report it now.
+            self._report(ck.round, ck.extra["trained"], time.perf_counter())
+        return ck.round + 1
+
+    def run_round(self, server_round: int) -> RoundRecord:
+        """Train, charge and checkpoint the release, then evaluate and report it.
+
+        Raises BudgetExceeded, before any message leaves, when the round would pass the target ε."""
+        t0 = time.perf_counter()
+        new_arrays = self._train(server_round)
+        if new_arrays is not None:
+            self.arrays = new_arrays
+        trained = self._trained_row(server_round)
+        # Charge the release and checkpoint it before the new adapter leaves the server (evaluation
+        # clients): a crash after this point resumes after this round and never releases it twice.
+        record_privacy(self.ledger, self.strategy, server_round)
+        self.adapter = deltas.from_record(self.arrays)
+        _checkpoint(self.run_dir, server_round, self.adapter, self.strategy, self.digest, self.ledger,
+                    trained=trained)
+        return RoundRecord(row=self._report(server_round, trained, t0), arrays=new_arrays)
+
+    def _train(self, rnd: int) -> ArrayRecord | None:
+        """One training round (secure or plain): the aggregated adapter, or None to keep A_{t-1}."""
+        grid, strategy, timeout = self.grid, self.strategy, self.cfg.federation.round_timeout_s
+        if self.secure is not None:
+            new_arrays, _ = secure_train_round(grid, strategy, rnd, self.arrays, self.train_cfg, params=self.secure,
+                                               timeout=timeout)
+        else:
+            replies = send_and_receive(grid, strategy.configure_train(rnd, self.arrays, self.train_cfg, grid),
+                                       timeout=timeout)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        return new_arrays
+
+    def _trained_row(self, rnd: int) -> dict:
+        """The training half of round ``rnd``'s row, from the strategy's report (checkpointed with it)."""
+        rep, fed, arrays = self.strategy.report, self.cfg.federation, self.arrays
+        return {
+            "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
+            "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
+            "train_loss": rep.train_loss, "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down,
+            # Under user-level DP the size one delta takes on the wire (public: shapes and encoding),
+            # never the measured total over a cohort whose size is secret.
+            "bytes_up_per_client": (_wire_bytes(arrays, fed.encoding) if self.cfg.privacy.user_level.enabled
+                                    else rep.bytes_up / max(rep.accepted, 1)),
+            "bytes_down_per_client": (deltas.record_bytes(arrays) if self.cfg.privacy.user_level.enabled
+                                      else rep.bytes_down / max(rep.sampled, 1)),
+            "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
+            "failed": rep.sampled - rep.accepted,
+            **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),
+        }
+
+    def _report(self, rnd: int, trained: dict, t0: float) -> dict:
+        """Everything after the release (charged and checkpointed): evaluation, where the adapter
+        leaves the server, catch-up of devices that missed the artifact, then the metrics row.
+        Returns the row as published."""
+        cfg, fed, strategy, grid, arrays = self.cfg, self.cfg.federation, self.strategy, self.grid, self.arrays
+        eval_msgs = strategy.configure_evaluate(rnd, arrays, self.train_cfg, grid)
+        local = strategy.aggregate_evaluate(rnd, send_and_receive(grid, eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
+        adapter = deltas.from_record(arrays)
+        evaluated = rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds
+        if evaluated:  # central evaluation every k rounds (and always after the last): it can cost a round
+            self.central = self.ev(adapter, residual=strategy.residual)
+        central = self.central
+        row = {
+            **trained,
+            "local_eval_loss": local.get(P.M_EVAL_LOSS) if local else None,
+            "local_eval_accuracy": local.get(P.M_EVAL_ACC) if local else None,
+            **{f"local_eval_{what}_{q}": local.get(f"{key}-{q}") if local else None
+               for what, key in (("loss", P.M_EVAL_LOSS), ("accuracy", P.M_EVAL_ACC)) for q in SPREAD_NAMES},
+            "central_loss": central["loss"] if evaluated else None,
+            "central_accuracy": central.get("accuracy") if evaluated else None,
+            **privacy_columns(self.ledger, cfg),
+            "server_rss_mb": _rss_mb(),
+            "seconds": time.perf_counter() - t0,
+        }
+        if cfg.export.enabled and cfg.export.deploy and cfg.export.catch_up is not False:
+            # Devices that missed an earlier deployment (offline then) get the published artifact now.
+            caught = catch_up(grid, strategy, cfg, attempted=self.caught_up, timeout=fed.round_timeout_s)
+            if caught:
+                row["caught_up"] = caught
+        self.history.append(publishable_row(row, cfg))
+        self._emit(row)
+        return self.history[-1]
+
+    def _emit(self, row: dict) -> None:
+        """Publish one row: metrics.jsonl, the trackers, the ``on_round`` callback."""
+        row = publishable_row(row, self.cfg)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.tracker.log(row)
+        if self.on_round:
+            self.on_round(row)
+
+    def _export(self, privacy: dict) -> dict:
+        """Device artifacts of the final adapter, pushed to the fleet when ``export.deploy``; then
+        linger for devices that connect late."""
+        from server.deploy import export_and_deploy
+
+        cfg, central = self.cfg, self.central
+        deployment = export_and_deploy(
+            self.grid, cfg, self.run_dir, privacy=privacy, client_name=self.strategy.client_name,
+            metrics={"central_loss": central["loss"], "central_accuracy": central.get("accuracy")},
+            labels=self.ev.label_names)
+        if cfg.export.deploy and cfg.export.linger_s > 0:
+            deployment["late"] = linger(self.grid, self.strategy, cfg, seconds=cfg.export.linger_s,
+                                        timeout=cfg.federation.round_timeout_s)
+        return deployment
+
+    def finish(self) -> dict:
+        """Write the final adapter (PEFT format), privacy.json, export and deploy, samples,
+        summary.json and report.md; return the summary."""
+        cfg, ev, run_dir, strategy, adapter = self.cfg, self.ev, self.run_dir, self.strategy, self.adapter
+        fed, central = cfg.federation, self.central
+        # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
+        models.set_adapter_state(ev.model, adapter)
+        ev.model.save_pretrained(run_dir / "adapter")
+        residual = strategy.residual
+        if residual:  # FedEx-LoRA: the served model is W0 + s·(R + B A); R ships next to the adapter
+            from safetensors.numpy import save_file
+
+            save_file({k: v.astype("float32") for k, v in residual.items()},
+                      str(run_dir / "adapter" / "lora_residual.safetensors"))
+        summary = {
+            "run_dir": str(run_dir), "scenario": cfg.name, "strategy": cfg.strategy.name,
+            "rounds": fed.num_rounds, "base_model": cfg.model.source, "base_hash": ev.base.hash,
+            "adapter_parameters": int(sum(v.size for v in adapter.values())),
+            "base_parameters": int(ev.base_parameters),
+            "initial_central_loss": self.initial["loss"], "initial_central_accuracy": self.initial.get("accuracy"),
+            "final_central_loss": central["loss"], "final_central_accuracy": central.get("accuracy"),
+            "wall_seconds": time.perf_counter() - self.t_start,
+            "privacy": privacy_report(self.ledger, cfg),
+        }
+        (run_dir / "privacy.json").write_text(json.dumps(summary["privacy"], indent=2))
+        if cfg.export.enabled:
+            summary["deployment"] = self._export(summary["privacy"])
+        if cfg.model.task == "causal-lm":
+            summary["samples"] = answer_samples(ev, cfg, ev.holdout, adapter, residual)
+            if summary["samples"]:  # the first one under the keys older readers know
+                first = summary["samples"][0]
+                summary.update(sample_prompt=first["prompt"], base_answer=first["base"],
+                               finetuned_answer=first["finetuned"])
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_run_report(run_dir, summary, self.history)  # report.md + plots/*.png
+        return summary
 
 
 def run_federation(
@@ -292,7 +522,15 @@ def run_federation(
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg, run_dir)  # TensorBoard / MLflow when tracking.* asks for them
     try:
-        summary = _run_rounds(grid, cfg, run_dir, tracker, on_round=on_round, resume=resume, force=force)
+        federation = Federation(grid, cfg, run_dir, tracker, on_round=on_round)
+        first = federation.resume(force=force) if resume else federation.start()
+        for rnd in range(first, cfg.federation.num_rounds + 1):
+            try:
+                federation.run_round(rnd)
+            except BudgetExceeded as err:
+                log.warning("stopping before round %d: %s", rnd, err)
+                break
+        summary = federation.finish()
     except BaseException:
         tracker.close(failed=True)  # a tracker never shows a crashed run as still RUNNING
         raise
@@ -300,181 +538,4 @@ def run_federation(
         progress.write_to(None)
         progress.withhold_counts(False)
     tracker.close()
-    return summary
-
-
-def _run_rounds(grid: Grid, cfg: fcfg.RunConfig, run_dir: Path, tracker: Tracker, *,
-                on_round: Callable[[dict], None] | None, resume: bool, force: bool) -> dict:
-    """The body of :func:`run_federation` (which owns the tracker's lifetime)."""
-    (run_dir / "config.yaml").write_text(fcfg.dump_yaml(cfg))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # clients are idle while the server evaluates
-    t_start = time.perf_counter()
-    ev = Evaluator(cfg)
-    strategy = build_strategy(cfg, base_hash=ev.base.hash)
-    strategy.message_ttl = cfg.federation.round_timeout_s
-    strategy.summary()
-    train_cfg = round_config(cfg, base_hash=ev.base.hash, targets=ev.targets)
-    adapter = ev.initial_adapter()
-    metrics_path = run_dir / "metrics.jsonl"
-    progress.write_to(run_dir / "progress.json")  # replies so far, for `fedge server`'s live view
-    progress.withhold_counts(cfg.privacy.user_level.enabled)  # the realized cohort size is not released
-    fed = cfg.federation
-    digest = cfg.digest()
-
-    def emit(row: dict) -> None:
-        row = publishable_row(row, cfg)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        tracker.log(row)
-        if on_round:
-            on_round(row)
-
-    if resume:
-        ck = checkpoint.load_latest(run_dir)
-        if ck.config_digest != digest and not force:
-            raise checkpoint.CheckpointError(
-                f"checkpoint round {ck.round} in {run_dir} was made with another config "
-                f"(digest {ck.config_digest[:12]} != {digest[:12]}); resume with the run's own "
-                "config.yaml, or force it")
-        adapter = ck.adapter
-        strategy.load_state_dict(ck.strategy_state)
-        ledger = PrivacyLedger.from_json(ck.extra["ledger"]) if "ledger" in ck.extra else PrivacyLedger()
-        if hasattr(strategy, "cohorts"):
-            strategy.cohorts.update({int(r): list(c) for r, c in ck.extra.get("cohorts", {}).items()})
-        rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-        rows = [r for r in rows if r["round"] <= ck.round]  # drop a half-finished round
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        initial, history, start = {"loss": rows[0]["central_loss"], "accuracy": rows[0].get("central_accuracy")}, rows[1:], ck.round + 1
-        last = next((r for r in reversed(rows) if r.get("central_loss") is not None), rows[0])
-        central = {"loss": last["central_loss"], "accuracy": last.get("central_accuracy")}
-        log.info("resuming %s after round %d", run_dir, ck.round)
-    else:
-        metrics_path.write_text("")
-        ledger = PrivacyLedger()
-        central = initial = ev(adapter)
-        emit({"round": 0, "central_loss": central["loss"], "central_accuracy": central.get("accuracy"),
-              "seconds": time.perf_counter() - t_start})
-        checkpoint.save(run_dir, round=0, adapter=adapter, strategy_state=strategy.state_dict(), config_digest=digest,
-                        extra={"ledger": ledger.to_json()})
-        history, start = [], 1
-    ul = cfg.privacy.user_level
-    if ul.enabled and ul.target_epsilon:
-        # Refuse (before any message) a round that would pass the target ε, e.g. when fewer
-        # clients are connected than data.num_clients planned (fixed sampling: q = m/N grows).
-        strategy.release_guard = lambda event: ledger.check_release(event, delta=ul.delta,
-                                                                    target_epsilon=ul.target_epsilon)
-    arrays = deltas.to_record(adapter)
-    sa = cfg.secure_aggregation
-    secure = SecAggParams(neighbours=sa.neighbours, threshold=sa.threshold,
-                          fraction_bits=sa.fraction_bits) if sa.enabled else None
-    caught_up: set[int] = set()  # nodes already sent the published artifact in this run
-
-    def finish_round(rnd: int, arrays, trained: dict, t0: float) -> None:
-        # Everything after the release (charged and checkpointed): evaluation, where the adapter leaves
-        # the server, then the metrics row.
-        nonlocal central
-        eval_msgs = strategy.configure_evaluate(rnd, arrays, train_cfg, grid)
-        local = strategy.aggregate_evaluate(rnd, send_and_receive(grid, eval_msgs, timeout=fed.round_timeout_s)) if eval_msgs else None
-        adapter = deltas.from_record(arrays)
-        evaluated = rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds
-        if evaluated:  # central evaluation every k rounds (and always after the last): it can cost a round
-            central = ev(adapter, residual=getattr(strategy, "residual", None))
-        row = {
-            **trained,
-            "local_eval_loss": local.get(P.M_EVAL_LOSS) if local else None,
-            "local_eval_accuracy": local.get(P.M_EVAL_ACC) if local else None,
-            **{f"local_eval_{what}_{q}": local.get(f"{key}-{q}") if local else None
-               for what, key in (("loss", P.M_EVAL_LOSS), ("accuracy", P.M_EVAL_ACC)) for q in SPREAD_NAMES},
-            "central_loss": central["loss"] if evaluated else None,
-            "central_accuracy": central.get("accuracy") if evaluated else None,
-            **privacy_columns(ledger, cfg),
-            "server_rss_mb": _rss_mb(),
-            "seconds": time.perf_counter() - t0,
-        }
-        if cfg.export.enabled and cfg.export.deploy and cfg.export.catch_up is not False:
-            # Devices that missed an earlier deployment (offline then) get the published artifact now.
-            caught = catch_up(grid, strategy, cfg, attempted=caught_up, timeout=fed.round_timeout_s)
-            if caught:
-                row["caught_up"] = caught
-        history.append(publishable_row(row, cfg))
-        emit(row)
-
-    if resume and history_round(history) < ck.round and "trained" in ck.extra:
-        # Killed after round ck.round was released and checkpointed, before its row: report it now.
-        finish_round(ck.round, arrays, ck.extra["trained"], time.perf_counter())
-    for rnd in range(start, fed.num_rounds + 1):
-        t0 = time.perf_counter()
-        try:
-            if secure is not None:
-                new_arrays, _ = secure_train_round(grid, strategy, rnd, arrays, train_cfg, params=secure,
-                                                   timeout=fed.round_timeout_s)
-            else:
-                replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, train_cfg, grid),
-                                           timeout=fed.round_timeout_s)
-                new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        except BudgetExceeded as err:
-            log.warning("stopping before round %d: %s", rnd, err)
-            break
-        rep = strategy.report
-        if new_arrays is not None:
-            arrays = new_arrays
-        trained = {
-            "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
-            "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
-            "train_loss": rep.train_loss, "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down,
-            # Under user-level DP the size one delta takes on the wire (public: shapes and encoding),
-            # never the measured total over a cohort whose size is secret.
-            "bytes_up_per_client": (_wire_bytes(arrays, fed.encoding) if cfg.privacy.user_level.enabled
-                                    else rep.bytes_up / max(rep.accepted, 1)),
-            "bytes_down_per_client": (deltas.record_bytes(arrays) if cfg.privacy.user_level.enabled
-                                      else rep.bytes_down / max(rep.sampled, 1)),
-            "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
-            "failed": rep.sampled - rep.accepted,
-            **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),
-        }
-        # Charge the release and checkpoint it before the new adapter leaves the server (evaluation
-        # clients): a crash after this point resumes after this round and never releases it twice.
-        record_privacy(ledger, strategy, rnd)
-        adapter = deltas.from_record(arrays)
-        _checkpoint(run_dir, rnd, adapter, strategy, digest, ledger, trained=trained)
-        finish_round(rnd, arrays, trained, t0)
-
-    # Final adapter in PEFT format (adapter_config.json + adapter_model.safetensors).
-    models.set_adapter_state(ev.model, adapter)
-    ev.model.save_pretrained(run_dir / "adapter")
-    residual = getattr(strategy, "residual", None)
-    if residual:  # FedEx-LoRA: the served model is W0 + s·(R + B A); R ships next to the adapter
-        from safetensors.numpy import save_file
-
-        save_file({k: v.astype("float32") for k, v in residual.items()},
-                  str(run_dir / "adapter" / "lora_residual.safetensors"))
-    summary = {
-        "run_dir": str(run_dir), "scenario": cfg.name, "strategy": cfg.strategy.name,
-        "rounds": fed.num_rounds, "base_model": cfg.model.source, "base_hash": ev.base.hash,
-        "adapter_parameters": int(sum(v.size for v in adapter.values())),
-        "base_parameters": int(ev.base_parameters),
-        "initial_central_loss": initial["loss"], "initial_central_accuracy": initial.get("accuracy"),
-        "final_central_loss": central["loss"], "final_central_accuracy": central.get("accuracy"),
-        "wall_seconds": time.perf_counter() - t_start,
-        "privacy": privacy_report(ledger, cfg),
-    }
-    (run_dir / "privacy.json").write_text(json.dumps(summary["privacy"], indent=2))
-    if cfg.export.enabled:
-        from server.deploy import export_and_deploy
-
-        summary["deployment"] = export_and_deploy(
-            grid, cfg, run_dir, privacy=summary["privacy"], client_name=strategy.client_name,
-            metrics={"central_loss": central["loss"], "central_accuracy": central.get("accuracy")},
-            labels=ev.label_names)
-        if cfg.export.deploy and cfg.export.linger_s > 0:
-            summary["deployment"]["late"] = linger(grid, strategy, cfg, seconds=cfg.export.linger_s,
-                                                   timeout=fed.round_timeout_s)
-    if cfg.model.task == "causal-lm":
-        summary["samples"] = answer_samples(ev, cfg, ev.holdout, adapter, residual)
-        if summary["samples"]:  # the first one under the keys older readers know
-            first = summary["samples"][0]
-            summary.update(sample_prompt=first["prompt"], base_answer=first["base"],
-                           finetuned_answer=first["finetuned"])
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_report(run_dir, summary, history)  # report.md + plots/*.png
     return summary

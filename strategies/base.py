@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from fedge import deltas
 from fedge import protocol as P
 from fedge.messaging import send_and_receive
+from fedge.privacy.ledger import RoundReleased
 
 log = logging.getLogger("fedge.strategy")
 
@@ -134,6 +135,12 @@ class DeltaStrategy(Strategy):
         # Lifetime of train/evaluate messages (the server sets it to the round timeout): a client
         # that only gets to a message after it expired skips the work instead of delaying later rounds.
         self.message_ttl: float | None = None
+        # What the server loop reads or sets on every strategy; the algorithms that use them override.
+        self.residual: dict[str, np.ndarray] | None = None  # FedEx-LoRA: served as W0 + s·(R + B A)
+        self.last_event: RoundReleased | None = None  # this round's noised release (user-level DP), charged to the ledger
+        self.cohorts: dict[int, list[str]] = {}  # round -> secret training cohort (user-level DP), checkpoint only
+        # Called before a training cohort is drawn; raises BudgetExceeded past the target ε (user-level DP).
+        self.release_guard: Callable[[RoundReleased], None] | None = None
 
     # -- the one method an algorithm overrides ----------------------------------
 
