@@ -93,7 +93,8 @@ def run_row(level: str, eps: float | None, seed: int, extra: list[str]) -> dict:
         # σ each device calibrated for itself (its own sample rate), from its accountant history
         zs = [v for f in sorted((run_dir / "client-state").glob("*/dp-sgd-history.json"))
               for v in json.loads(f.read_text())["dp-history-noise"]]
-    acc = [r["central_accuracy"] for r in rows[1:] if r.get("central_accuracy") is not None]
+    evaluated = [r for r in rows[1:] if r.get("central_accuracy") is not None]  # every k-th round (evaluate_every)
+    acc, at = [r["central_accuracy"] for r in evaluated], [int(r["round"]) for r in evaluated]
     spent, delta, z = "", "", ""
     if "record_level" in privacy:
         spent = max(privacy["record_level"]["epsilon"].values())
@@ -103,7 +104,7 @@ def run_row(level: str, eps: float | None, seed: int, extra: list[str]) -> dict:
         spent, delta = privacy["user_level"]["epsilon"], privacy["user_level"]["delta"]
     return {"dataset": "reuters-r8", "level": level, "epsilon": "" if eps is None else eps, "seed": seed,
             "accuracy": round(acc[-1], 4), "best_accuracy": round(max(acc), 4),
-            "plateau_round": plateau_round(acc), "rounds": len(acc),
+            "plateau_round": at[plateau_round(acc) - 1], "rounds": at[-1],
             "epsilon_spent": "" if spent == "" else round(float(spent), 4), "delta": delta,
             "noise_multiplier": z, "seconds": round(seconds, 1), "scenario": scenario, "overrides": ";".join(sets),
             "curve": json.dumps([round(rows[0].get("central_accuracy") or 0.0, 4), *[round(a, 4) for a in acc]])}
