@@ -9,11 +9,13 @@ Per round, with the adapter θ_A (every lora_A and lora_B) and the head θ_H:
     server:    θ_H,t+1 = θ_H,t + Σ_i w_i Δθ_H,i,   θ_A stays θ_A,0
 
 Why under DP: the Gaussian mechanism adds noise of the same std to every released
-coordinate, so the noise norm grows as √d while the clipped signal does not. With
-user-level DP on few clients the noise the server adds to B each round accumulates in
-the encoder (B_t = B_0 + Σ rounds of N(0, (z S/m)²)) and moves the features the head
-reads; freezing the adapter keeps the features fixed and releases only the head
-(MiniLM-L6, 8 classes: 3,080 values instead of 12,296 with FFA-LoRA r = 2).
+coordinate, so the noise norm grows as √d while the clipped signal does not; a probe
+releases the head alone (MiniLM-L6, 8 classes: 3,080 values instead of 12,296 with
+FFA-LoRA r = 2) and its clients skip the backward pass through the encoder. Measured on
+`dp-user` at ε = 8 (benchmarks/results/dp_utility.md): 0.9415 against 0.9420 with
+FFA-LoRA r = 2, so on these features the adapter neither helps nor hurts under DP; the
+probe is the baseline a private adapter has to beat.
+
 The round config carries ``protocol.CFG_FREEZE_ADAPTER``; ``fedge.lora_fed`` freezes
 both factors for the round and leaves them out of the reply. Needs a model with a
 trainable head (task sequence-classification); a causal LM would train nothing.
