@@ -22,7 +22,6 @@ from collections.abc import Mapping
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
