@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from clients import secagg
 from fedge import deltas, lora_fed
 from fedge import protocol as P
-from fedge.privacy.mechanisms import clip_update
+from strategies.client_hooks import client_lora, client_round
 
 # torch, transformers and opacus are imported inside the handlers that train or evaluate:
 # Flower starts a fresh process per message on a device, and the identity and secure
@@ -63,7 +63,7 @@ def _prepare(msg: Message, context: Context, config_path: str | None):
     if server_hash != rt.base.hash:
         raise BaseMismatch(f"base model hash {rt.base.hash[:12]} differs from the server's {server_hash[:12]}: "
                            "refusing to train on a different base model")
-    r, alpha = lora_fed.client_lora(conf, context)  # HetLoRA: this client's rank; else lora-r, lora-alpha
+    r, alpha = client_lora(conf, context)  # HetLoRA: this client's rank; else lora-r, lora-alpha
     peft = rt.peft_model(r=r, alpha=alpha, dropout=float(conf[P.CFG_LORA_DROPOUT]),
                          targets=tuple(conf[P.CFG_LORA_TARGETS]))
     global_state = lora_fed.client_view(deltas.from_record(msg.content[P.ARRAYS]), r)  # HetLoRA: truncated
@@ -95,13 +95,11 @@ def _data_path(context: Context) -> str | None:
 
 
 DP_HISTORY = "dp-sgd-history"  # key in the node's Context state: the accountant's history
-STATE_DIR_ENV = "FEDGE_CLIENT_STATE"  # directory for state that must survive restarts
 
 
 def _state_dir(context: Context) -> Path | None:
     """This client's persistent state directory (node config, or the simulation runner's env)."""
-    root = context.node_config.get(P.NODE_STATE_DIR) or os.environ.get(STATE_DIR_ENV)
-    return Path(str(root)) / P.client_name(context.node_config) if root else None
+    return P.client_state_dir(context.node_config)
 
 
 PINNED_KEY_FILE = "trusted-key.pub"  # in the state root: the simulation runner's enrolment of its virtual devices
@@ -118,8 +116,8 @@ def pinned_key(context: Context) -> str | None:
     nc = context.node_config
     if nc.get(P.NODE_TRUSTED_KEY):
         return str(nc[P.NODE_TRUSTED_KEY])
-    root = nc.get(P.NODE_STATE_DIR) or os.environ.get(STATE_DIR_ENV)
-    pin = Path(str(root)) / PINNED_KEY_FILE if root else None
+    root = P.state_root(nc)
+    pin = root / PINNED_KEY_FILE if root is not None else None
     return str(pin) if pin is not None and pin.is_file() else None
 
 
@@ -241,14 +239,11 @@ def make_app(config_path: str | None = None, mods: list | None = None) -> Client
             entropy.append(int.from_bytes(hashlib.sha256(name).digest()[:4], "little"))
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         metrics = MetricRecord({P.M_NUM_EXAMPLES: len(train_ex), P.M_LOCAL_STEPS: int(conf[P.CFG_LOCAL_STEPS])})
-        with lora_fed.client_round(peft, conf, context, msg.content) as hooks:  # LoRA-aware algorithms' client side
+        with client_round(peft, conf, context, msg.content) as hooks:  # the algorithms' client halves
             _train_round(peft, train_ex, rt, conf, context, seed, metrics)
-            delta, extra_records = hooks.finish(deltas.compute_delta(models.get_adapter_state(peft), global_state))
-        if P.CFG_DP_CLIP_NORM in conf:
-            # User-level DP: the delta is clipped here, before it leaves the device.
-            s = float(conf[P.CFG_DP_CLIP_NORM])
-            delta, norm = clip_update(delta, clip_norm=s)
-            metrics[P.M_DP_UNCLIPPED] = float(norm <= s)
+            # (user-level DP's hook clips last, so the delta that leaves the device is clipped)
+            delta, extra_records = hooks.finish(deltas.compute_delta(models.get_adapter_state(peft), global_state),
+                                                metrics)
         metrics[P.M_BYTES_DOWN] = sum(deltas.record_bytes(r) for r in msg.content.array_records.values())
         metrics[P.M_TRAIN_SECONDS] = time.perf_counter() - t0
         return delta, extra_records, metrics, rt, conf

@@ -1,50 +1,20 @@
-"""Client side of LoRA-aware federated algorithms: what a round config asks a client to do.
-
-The server's strategy asks for client behaviour through round-config keys (and, where
-tensors must travel, extra records in the train message, ``fedge.protocol``); the
-client app wraps its local round in :func:`client_round`:
-
-    with client_round(peft, conf, context, msg.content) as hooks:
-        ... local training ...
-        delta, extra_records = hooks.finish(delta)
-
-``finish`` returns the delta to send (possibly a subset of tensors) and extra Flower
-records for the reply. Without any such key the hooks do nothing.
-
-==================  ================================  ==============================================
-round-config key    strategy                          client behaviour during the round
-==================  ================================  ==============================================
-CFG_LORA_EXACT      ``fedex-lora`` (lora_exact.py)    W0 ← W0 + s·R for each module (record
-                                                      LORA_RESIDUAL), restored bit for bit on exit
-CFG_FREEZE_A        ``ffa-lora``                      lora_A frozen (requires_grad False, restored);
-                                                      the reply omits lora_A
-CFG_FREEZE_ADAPTER  ``head-only`` (head_only.py)      lora_A and lora_B frozen: only the task head
-                                                      trains; the reply carries the head alone
-CFG_SCAFFOLD        ``scaffold``                      every gradient g ← g + (c − c_i) (record
-                                                      SCAFFOLD_C); reply adds Δc_i (SCAFFOLD_DC);
-                                                      c_i kept in the node's state
-CFG_HETLORA         ``hetlora``                       train at this client's rank r_i (see
-                                                      :func:`client_lora`, :func:`truncate_rank`);
-                                                      the reply declares r_i (LORA_META)
-==================  ================================  ==============================================
+"""LoRA algebra shared by the LoRA-aware algorithms: names, ranks, residuals, PEFT access.
 
 Shapes (PEFT names): ``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight``
 (out, r); a LoRA layer computes W0 x + s·B A x with s = alpha / r. The pure functions
-here (name pairing, rank truncation / padding) are shared with the server strategies,
-which is why torch is imported only where a model is touched.
+here (name pairing, rank truncation / padding) are shared by the server strategies and
+their client halves (``strategies/client_hooks.py``); torch is imported only where a
+model is touched. What a client does for an algorithm lives in that algorithm's module.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord
 
 from fedge import deltas
 from fedge import protocol as P
@@ -53,7 +23,6 @@ if TYPE_CHECKING:  # torch is imported lazily at run time (query handlers never 
     import torch
 
 State = dict[str, np.ndarray]
-Finisher = Callable[[State], tuple[State, dict]]
 
 # -- names: which tensor is A, which is B, which residual belongs to them -----------------
 
@@ -134,33 +103,6 @@ def pad_rank(state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ..
     return out
 
 
-def client_lora(conf, context) -> tuple[int, float]:
-    """(rank, alpha) this client builds its PEFT model with.
-
-    Without HetLoRA: the round config's ``lora-r`` and ``lora-alpha``. With HetLoRA
-    (``CFG_HETLORA``) the rank r_i is, in order: the node config ``lora-rank`` (the
-    device's capacity, deployment), else ``hetlora-ranks[partition-id % len]`` (the
-    round config, simulation), else r_max = ``lora-r``; capped at r_max. alpha is
-    scaled to alpha·r_i/r_max so every client keeps the global scale s = alpha/r_max:
-    the truncated model is exactly the first r_i terms of the global one.
-    """
-    r_max, alpha = int(conf[P.CFG_LORA_R]), float(conf[P.CFG_LORA_ALPHA])
-    if not conf.get(P.CFG_HETLORA, False):
-        return r_max, alpha
-    nc = context.node_config
-    if P.NODE_LORA_RANK in nc:
-        r = int(nc[P.NODE_LORA_RANK])
-    elif P.CFG_HETLORA_RANKS in conf:
-        ranks = [int(x) for x in conf[P.CFG_HETLORA_RANKS]]
-        r = ranks[int(nc[P.NODE_PARTITION_ID]) % len(ranks)]
-    else:
-        r = r_max
-    if r < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {r}")
-    r = min(r, r_max)
-    return r, alpha * r / r_max
-
-
 def client_view(global_state: Mapping[str, np.ndarray], r: int) -> State:
     """The global adapter as this client sees it: truncated to its rank r (HetLoRA), else unchanged."""
     return truncate_rank(global_state, r) if rank_of(global_state) not in (None, r) else dict(global_state)
@@ -239,151 +181,6 @@ def message_residual(content) -> State | None:
     return deltas.from_record(content[P.LORA_RESIDUAL])
 
 
-# -- SCAFFOLD: the client's control variate c_i ---------------------------------------------------
-
-SCAFFOLD_CI = "scaffold-ci"  # key in the node's Context state: c_i (+ the session it belongs to)
-_SESSION = "#session"
-STATE_DIR_ENV = "FEDGE_CLIENT_STATE"  # same directory as the DP-SGD history (clients/app.py)
-
-
-def _ci_file(context) -> Path | None:
-    nc = context.node_config
-    root = nc.get("state-dir") or os.environ.get(STATE_DIR_ENV)
-    if not root:
-        return None
-    return Path(str(root)) / P.client_name(nc) / "scaffold-ci.npz"
-
-
-def load_control_variate(context, session: int, like: Mapping[str, np.ndarray]) -> State:
-    """c_i for this SCAFFOLD session (zeros when new: another session's c_i is never reused)."""
-    stored: dict | None = None
-    f = _ci_file(context)
-    if f is not None and f.exists():
-        with np.load(f) as z:
-            stored = {k: z[k] for k in z.files}
-    elif SCAFFOLD_CI in context.state:
-        stored = deltas.from_record(context.state[SCAFFOLD_CI])
-    if stored is None or int(stored.pop(_SESSION, np.array([0]))[0]) != session:
-        return {k: np.zeros(np.shape(v)) for k, v in like.items()}
-    if set(stored) != set(like) or any(np.shape(stored[k]) != np.shape(like[k]) for k in like):
-        raise ValueError("stored SCAFFOLD c_i does not match this adapter's tensors (same session id?)")
-    return {k: np.asarray(v, np.float64) for k, v in stored.items()}
-
-
-def save_control_variate(context, session: int, ci: Mapping[str, np.ndarray]) -> None:
-    arrays = {**{k: np.asarray(v, np.float64) for k, v in ci.items()}, _SESSION: np.array([session], np.int64)}
-    context.state[SCAFFOLD_CI] = deltas.to_record(arrays)
-    f = _ci_file(context)
-    if f is not None:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, f)  # atomic: a crash never leaves half a c_i
-
-
-def _scaffold(peft_model, conf, context, content, stack: ExitStack) -> Finisher:
-    """Gradient hooks g ← g + (c − c_i) for the round; finish computes Δc_i (option II)."""
-    import torch
-
-    if P.CFG_DPSGD_DELTA in conf or P.CFG_DP_CLIP_NORM in conf:
-        # DP-SGD's per-example gradients bypass the hook, and Δc_i would leave unclipped and unnoised.
-        raise ValueError("SCAFFOLD cannot run with DP-SGD or user-level DP")
-    if P.SCAFFOLD_C not in content:
-        raise ValueError(f"SCAFFOLD round without the server control variate record {P.SCAFFOLD_C!r}")
-    session = int(conf[P.CFG_SCAFFOLD])
-    c = {k: np.asarray(v, np.float64) for k, v in deltas.from_record(content[P.SCAFFOLD_C]).items()}
-    params = adapter_parameters(peft_model)
-    if set(c) != set(params) or any(np.shape(c[k]) != tuple(params[k].shape) for k in c):
-        raise ValueError("the server's SCAFFOLD c does not match this client's adapter tensors")
-    ci = load_control_variate(context, session, c)
-    for name, p in params.items():
-        if p.requires_grad:
-            corr = torch.from_numpy(c[name] - ci[name]).to(device=p.device, dtype=p.dtype)
-            stack.callback(p.register_hook(lambda g, d=corr: g + d).remove)
-
-    def finish(delta: State) -> tuple[State, dict]:
-        k_steps, lr = int(conf[P.CFG_LOCAL_STEPS]), float(conf[P.CFG_LR])
-        # c_i⁺ = c_i − c + (x − y_i)/(Kη) with x − y_i = −Δ_i, so Δc_i = c_i⁺ − c_i = −c − Δ_i/(Kη).
-        dc = {k: (-c[k] - np.asarray(delta[k], np.float64) / (k_steps * lr)).astype(np.float32) for k in c}
-        # c_i moves by the fp32 Δc_i the server adds (over N) to c: c stays the mean of the c_i.
-        save_control_variate(context, session, {k: ci[k] + dc[k] for k in c})
-        return delta, {P.SCAFFOLD_DC: deltas.to_record(dc)}
-
-    return finish
-
-
-# -- FFA-LoRA, head only and HetLoRA -----------------------------------------------------------
-
-
 def is_lora(name: str) -> bool:
     """An adapter factor (lora_A or lora_B), as opposed to a task head or other trained tensor."""
     return is_lora_a(name) or is_lora_b(name)
-
-
-def _freeze(peft_model, stack: ExitStack, which: Callable[[str], bool], what: str) -> Finisher:
-    """Freeze the adapter tensors ``which`` selects for the round; the reply leaves them out."""
-    frozen = {k: p for k, p in adapter_parameters(peft_model).items() if which(k)}
-    before = {k: p.requires_grad for k, p in frozen.items()}
-    for p in frozen.values():
-        p.requires_grad_(False)
-    stack.callback(lambda: [p.requires_grad_(before[k]) for k, p in frozen.items()])
-
-    def finish(delta: State) -> tuple[State, dict]:
-        moved = [k for k in frozen if np.any(delta[k] != 0)]
-        if moved:  # e.g. a training path that ignores requires_grad
-            raise RuntimeError(f"{what} changed although frozen: {moved[:3]}")
-        return {k: v for k, v in delta.items() if not which(k)}, {}
-
-    return finish
-
-
-def _declare_rank(delta: State) -> tuple[State, dict]:
-    return delta, {P.LORA_META: ConfigRecord({P.META_LORA_RANK: int(rank_of(delta) or 0)})}
-
-
-# -- the round ------------------------------------------------------------------------------------
-
-
-class RoundHooks:
-    """What ``client_round`` yields: ``finish(delta) -> (delta to send, extra reply records)``."""
-
-    def __init__(self) -> None:
-        self.finishers: list[Finisher] = []
-
-    def finish(self, delta: State) -> tuple[State, dict]:
-        extra: dict = {}
-        for f in self.finishers:
-            delta, more = f(delta)
-            extra.update(more)
-        return delta, extra
-
-
-def _need_content(content, what: str) -> None:
-    if content is None:
-        raise ValueError(f"{what} needs the train message's records: call "
-                         "client_round(peft, conf, context, msg.content)")
-
-
-@contextmanager
-def client_round(peft_model, conf, context, content=None):
-    """Set up the client behaviour a round config asks for (module docstring); undo it on exit.
-
-    ``content``: the train message's ``RecordDict`` (extra records: SCAFFOLD's c,
-    FedEx-LoRA's residual). Without any LoRA-aware key this yields no-op hooks.
-    """
-    hooks = RoundHooks()
-    with ExitStack() as stack:
-        if conf.get(P.CFG_LORA_EXACT, False):
-            _need_content(content, "FedEx-LoRA")
-            stack.enter_context(residual_applied(peft_model, message_residual(content)))
-        if conf.get(P.CFG_FREEZE_ADAPTER, False):
-            hooks.finishers.append(_freeze(peft_model, stack, is_lora, "the adapter"))
-        elif conf.get(P.CFG_FREEZE_A, False):
-            hooks.finishers.append(_freeze(peft_model, stack, is_lora_a, "lora_A"))
-        if P.CFG_SCAFFOLD in conf:
-            _need_content(content, "SCAFFOLD")
-            hooks.finishers.append(_scaffold(peft_model, conf, context, content, stack))
-        if conf.get(P.CFG_HETLORA, False):
-            hooks.finishers.append(_declare_rank)
-        yield hooks
-

@@ -12,7 +12,7 @@ Train reply (client -> server):
 
 Evaluate message: same ``ARRAYS`` + ``CONFIG``; reply: ``METRICS`` only.
 
-LoRA-aware algorithms (``fedge.lora_fed``, ``strategies/{scaffold,ffa_lora,lora_exact,hetlora}.py``)
+LoRA-aware algorithms (``strategies/{scaffold,ffa_lora,head_only,lora_exact,hetlora}.py``, each with its client half)
 add records next to these, only when their strategy runs:
 
     train message             ``SCAFFOLD_C``     ArrayRecord  server control variate c (fp32, adapter names)
@@ -20,6 +20,9 @@ add records next to these, only when their strategy runs:
     train reply               ``SCAFFOLD_DC``    ArrayRecord  Δc_i = c_i⁺ − c_i (fp32, adapter names)
                               ``LORA_META``      ConfigRecord ``META_LORA_RANK``: the rank this client trained at
 """
+
+import os
+from pathlib import Path
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -124,6 +127,21 @@ def client_name(node_config) -> str:
     if NODE_DEVICE_ID in node_config:
         return str(node_config[NODE_DEVICE_ID])
     return f"partition-{int(node_config.get(NODE_PARTITION_ID, 0)):06d}"
+
+
+STATE_DIR_ENV = "FEDGE_CLIENT_STATE"  # simulation: the runner's directory for its virtual devices' state
+
+
+def state_root(node_config) -> Path | None:
+    """Root of persistent device state: node config ``state-dir``, else the simulation runner's env, else None."""
+    root = node_config.get(NODE_STATE_DIR) or os.environ.get(STATE_DIR_ENV)
+    return Path(str(root)) if root else None
+
+
+def client_state_dir(node_config) -> Path | None:
+    """This client's own state directory (DP accountant history, SCAFFOLD c_i, model store), or None."""
+    root = state_root(node_config)
+    return root / client_name(node_config) if root is not None else None
 
 
 # -- run config (``flwr run --run-config``) --------------------------------------

@@ -116,7 +116,7 @@ def catch_up(grid: Grid, strategy, cfg: fcfg.RunConfig, *, attempted: set[int], 
     version, path = pub
     nodes = sorted(grid.get_node_ids())
     strategy.discover(grid, nodes)
-    behind = [n for n in nodes if n not in attempted and strategy.installed.get(n, 0) < version]
+    behind = [n for n in nodes if n not in attempted and strategy.nodes.installed.get(n, 0) < version]
     if not behind:
         return {}
     attempted.update(behind)
@@ -124,7 +124,7 @@ def catch_up(grid: Grid, strategy, cfg: fcfg.RunConfig, *, attempted: set[int], 
     by_name = {strategy.client_name(n): n for n in behind}
     for name, result in devices.items():
         if "refused" not in result and name in by_name:
-            strategy.installed[by_name[name]] = int(result.get(P.DEPLOY_VERSION, 0))
+            strategy.nodes.installed[by_name[name]] = int(result.get(P.DEPLOY_VERSION, 0))
     log.info("caught up %d of %d devices that ran an older artifact than v%d",
              sum("refused" not in d for d in devices.values()), len(behind), version)
     return devices

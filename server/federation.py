@@ -92,16 +92,11 @@ def build_strategy(cfg: fcfg.RunConfig, *, base_hash: str) -> strategies.DeltaSt
 
 def _require_secure_rule(inner: strategies.DeltaStrategy, name: str) -> None:
     """Secure aggregation reveals only Σ w_i Δ_i: refuse rules that need each Δ_i."""
-    from strategies.dp_user_level import _require_mean_rule
-
     why = None
     if not inner.secure_aggregation:
         why = "it needs each client's update (or per-client records), which secure aggregation hides"
-    else:
-        try:
-            _require_mean_rule(inner)
-        except ValueError:
-            why = "its aggregate is not a weighted mean of the deltas"
+    elif inner.aggregation != "mean":
+        why = f"its aggregate is not declared a weighted mean of the deltas (aggregation = {inner.aggregation!r})"
     if why:
         allowed = sorted(n for n, cls in strategies.available().items() if cls.secure_aggregation)
         raise strategies.StrategyError(f"secure_aggregation.enabled with strategy {name!r}: {why}; "

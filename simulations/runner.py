@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedge import config as fcfg
 from fedge import flower_patches
+from fedge import protocol as P
 
 
 def backend_config(cfg: fcfg.RunConfig) -> dict:
@@ -169,7 +170,7 @@ def pin_trusted_key(cfg: fcfg.RunConfig, state_root: Path) -> Path:
 # What the clients read from the environment (set in :func:`simulate`). A local Ray's workers inherit
 # this process's environment; on an existing cluster they are started by its raylets, so it travels
 # as the job's runtime_env instead.
-CLIENT_ENV = ("FEDGE_TORCH_THREADS", "OMP_NUM_THREADS", "FEDGE_CLIENT_STATE", "FEDGE_CACHE", "PYTHONWARNINGS",
+CLIENT_ENV = ("FEDGE_TORCH_THREADS", "OMP_NUM_THREADS", P.STATE_DIR_ENV, "FEDGE_CACHE", "PYTHONWARNINGS",
               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
 
 
@@ -235,7 +236,7 @@ def simulate(cfg: fcfg.RunConfig, run_dir: Path, *, on_round: Callable[[dict], N
     # because Ray announces it will stop hiding GPUs from num_gpus=0 workers.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
     # Per-client state that must survive a restart (DP-SGD accountant histories).
-    os.environ["FEDGE_CLIENT_STATE"] = str((run_dir / "client-state").resolve())
+    os.environ[P.STATE_DIR_ENV] = str((run_dir / "client-state").resolve())
     if cfg.export.enabled:
         pin_trusted_key(cfg, run_dir / "client-state")
     if not verbose:

@@ -17,7 +17,6 @@ optimisers, :meth:`server_update`); it never touches models or data.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
@@ -37,8 +36,10 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge import deltas
 from fedge import protocol as P
-from fedge.messaging import send_and_receive
 from fedge.privacy.ledger import RoundReleased
+from strategies.nodes import NodeDirectory, NotEnoughNodes
+
+__all__ = ["ClientUpdate", "DeltaStrategy", "NotEnoughNodes", "RoundReport", "validate_reply"]
 
 log = logging.getLogger("fedge.strategy")
 
@@ -74,8 +75,44 @@ class RoundReport:
     secure: dict[str, int | str] | None = None  # secure aggregation: survivors, dropouts, threshold, overhead bytes
 
 
-class NotEnoughNodes(RuntimeError):
-    """Fewer nodes connected than a round needs, after waiting ``wait_nodes_s``."""
+Shapes = dict[str, tuple[int, ...]]
+
+
+def validate_reply(msg: Message, *, base_hash: str, encoding: str, shapes: Shapes | Callable[[], Shapes],
+                   max_norm: float | None) -> ClientUpdate:
+    """Check one train reply and decode its delta; raise ``deltas.InvalidUpdate`` with the reason.
+
+    In order: a client error, missing or mistyped records, another base model (``base_hash``;
+    empty = not checked), another wire ``encoding``, a non-positive example count, tensor
+    names / shapes / dtypes other than ``shapes`` in that encoding, non-finite values, and
+    ‖Δ‖₂ above ``max_norm`` (None = no bound). ``shapes`` may be a function, called only
+    once the reply is known to carry records (HetLoRA's depend on the rank a reply declares).
+    Pure: it reads the message and its arguments only.
+    """
+    if msg.has_error():
+        raise deltas.InvalidUpdate(f"client error: {msg.error.reason}")
+    content = msg.content
+    for key in (P.ARRAYS, P.METRICS, P.META):
+        if key not in content:
+            raise deltas.InvalidUpdate(f"reply has no {key!r} record")
+    meta, metrics, wire = content[P.META], content[P.METRICS], content[P.ARRAYS]
+    if not isinstance(wire, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        raise deltas.InvalidUpdate("reply records have the wrong types")
+    if base_hash and meta.get(P.META_BASE_HASH) != base_hash:
+        raise deltas.InvalidUpdate(f"base model hash {str(meta.get(P.META_BASE_HASH))[:12]} "
+                                   f"!= server's {base_hash[:12]}")
+    if meta.get(P.META_ENCODING) != encoding:
+        raise deltas.InvalidUpdate(f"encoding {meta.get(P.META_ENCODING)!r}, expected {encoding!r}")
+    num = metrics.get(P.M_NUM_EXAMPLES)
+    if not isinstance(num, (int, float)) or not np.isfinite(num) or num <= 0:
+        raise deltas.InvalidUpdate(f"{P.M_NUM_EXAMPLES} must be a positive number, got {num!r}")
+    expected = shapes() if callable(shapes) else shapes
+    deltas.validate_wire(deltas.record_layout(wire), deltas.expected_wire_layout(expected, encoding))
+    delta = deltas.decode(deltas.from_record(wire), encoding)
+    norm = deltas.validate_values(delta, max_norm=max_norm)
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return ClientUpdate(node_id=int(msg.metadata.src_node_id), delta=delta,
+                        num_examples=float(num), metrics=clean, norm=norm)
 
 
 class DeltaStrategy(Strategy):
@@ -96,6 +133,11 @@ class DeltaStrategy(Strategy):
     name = "base"
     paper = ""
     weighted = True  # whether ``aggregate`` uses the example-count weights
+    # What ``aggregate`` is, declared (never probed): "mean" = Σ w_i Δ_i over the (possibly
+    # norm-bounded) deltas, so a clipped, noised mean (user-level DP) or a masked sum (secure
+    # aggregation) can stand in for it; "robust" = order statistics or selection (median, Krum);
+    # "custom" = anything else, which neither wrapper accepts.
+    aggregation = "custom"
     user_level_dp = True  # whether strategies.dp_user_level.UserLevelDP may wrap it
     # Whether the rule needs only Σ w_i Δ_i and Σ w_i (so secure aggregation can hide each Δ_i).
     # Robust rules (median, Krum, ...) and algorithms with extra per-client records set False.
@@ -130,8 +172,7 @@ class DeltaStrategy(Strategy):
         self.wait_nodes_s = wait_nodes_s
         self.current: dict[str, np.ndarray] | None = None  # A_t, set by configure_train
         self.report = RoundReport()
-        self.identities: dict[int, str] = {}  # node id -> stable client name (see ``discover``)
-        self.installed: dict[int, int] = {}  # node id -> artifact version it reported (0 = none)
+        self.nodes = NodeDirectory()  # who is connected: stable names, installed versions
         # Lifetime of train/evaluate messages (the server sets it to the round timeout): a client
         # that only gets to a message after it expired skips the work instead of delaying later rounds.
         self.message_ttl: float | None = None
@@ -176,26 +217,11 @@ class DeltaStrategy(Strategy):
     # -- sampling -----------------------------------------------------------------
 
     def discover(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes we have not seen for their stable client name (one query message each).
-
-        Node ids are random per run (and per SuperNode restart), so sampling and the
-        order of aggregation use these names: the same seed picks the same clients
-        and sums their deltas in the same order, across runs and after a resume.
-        """
-        unknown = [n for n in nodes if n not in self.identities]
-        if not unknown:
-            return
-        msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-        for reply in send_and_receive(grid, msgs, timeout=60):
-            node = int(reply.metadata.src_node_id)
-            if not reply.has_error() and P.IDENTITY in reply.content:
-                ident = reply.content[P.IDENTITY]
-                self.identities[node] = str(ident.get(P.ID_CLIENT, node))
-                # An int by protocol (ConfigRecord values are a union); int() checks it at run time.
-                self.installed[node] = int(cast(int, ident.get(P.ID_INSTALLED, 0)))
+        """Learn the stable names of nodes not seen before (``strategies.nodes``)."""
+        self.nodes.discover(grid, nodes)
 
     def client_name(self, node: int) -> str:
-        return self.identities.get(node, f"node-{node}")
+        return self.nodes.name(node)
 
     def sample(self, grid: Grid, server_round: int, k: int, purpose: int) -> list[int]:
         """k distinct node ids, reproducible for (seed, round, purpose) given the client names."""
@@ -207,19 +233,7 @@ class DeltaStrategy(Strategy):
     def connected_nodes(self, grid: Grid, server_round: int, k: int) -> list[int]:
         """Every connected node id, sorted by client name, once at least k are connected
         (waits up to ``wait_nodes_s``, then raises NotEnoughNodes)."""
-        deadline, last_log = time.monotonic() + self.wait_nodes_s, 0.0
-        while len(nodes := sorted(grid.get_node_ids())) < k:
-            now = time.monotonic()
-            if now > deadline:
-                raise NotEnoughNodes(f"round {server_round}: {len(nodes)} nodes connected, {k} needed; "
-                                     f"gave up after {self.wait_nodes_s:.0f} s")
-            if now - last_log > 10:
-                log.warning("round %d: waiting for nodes: %d connected, %d needed", server_round, len(nodes), k)
-                last_log = now
-            time.sleep(0.5)
-        self.discover(grid, nodes)
-        nodes.sort(key=self.client_name)
-        return nodes
+        return self.nodes.connected(grid, server_round, k, wait_s=self.wait_nodes_s)
 
     # -- Flower Strategy API --------------------------------------------------------
 
@@ -313,31 +327,9 @@ class DeltaStrategy(Strategy):
         return mean
 
     def decode_reply(self, msg: Message) -> ClientUpdate:
-        """Validate one reply and decode its delta; raise InvalidUpdate with the reason."""
-        if msg.has_error():
-            raise deltas.InvalidUpdate(f"client error: {msg.error.reason}")
-        content = msg.content
-        for key in (P.ARRAYS, P.METRICS, P.META):
-            if key not in content:
-                raise deltas.InvalidUpdate(f"reply has no {key!r} record")
-        meta, metrics, wire = content[P.META], content[P.METRICS], content[P.ARRAYS]
-        if not isinstance(wire, ArrayRecord) or not isinstance(metrics, MetricRecord):
-            raise deltas.InvalidUpdate("reply records have the wrong types")
-        if self.base_hash and meta.get(P.META_BASE_HASH) != self.base_hash:
-            raise deltas.InvalidUpdate(f"base model hash {str(meta.get(P.META_BASE_HASH))[:12]} "
-                                       f"!= server's {self.base_hash[:12]}")
-        if meta.get(P.META_ENCODING) != self.encoding:
-            raise deltas.InvalidUpdate(f"encoding {meta.get(P.META_ENCODING)!r}, expected {self.encoding!r}")
-        num = metrics.get(P.M_NUM_EXAMPLES)
-        if not isinstance(num, (int, float)) or not np.isfinite(num) or num <= 0:
-            raise deltas.InvalidUpdate(f"{P.M_NUM_EXAMPLES} must be a positive number, got {num!r}")
-        shapes = self.expected_shapes(msg)
-        deltas.validate_wire(deltas.record_layout(wire), deltas.expected_wire_layout(shapes, self.encoding))
-        delta = deltas.decode(deltas.from_record(wire), self.encoding)
-        norm = deltas.validate_values(delta, max_norm=self.max_delta_norm)
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        return ClientUpdate(node_id=int(msg.metadata.src_node_id), delta=delta,
-                            num_examples=float(num), metrics=clean, norm=norm)
+        """Validate one reply against this round's expectations (:func:`validate_reply`)."""
+        return validate_reply(msg, base_hash=self.base_hash, encoding=self.encoding,
+                              shapes=lambda: self.expected_shapes(msg), max_norm=self.max_delta_norm)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.evaluate_clients_per_round <= 0:

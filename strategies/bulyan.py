@@ -39,6 +39,7 @@ class Bulyan(DeltaStrategy):
     """
 
     name = "bulyan"
+    aggregation = "robust"
     secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "El Mhamdi et al. 2018, arXiv:1802.07927"
     weighted = False

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ from fedge.privacy import mechanisms as M
 from fedge.privacy.accounting import SAMPLINGS
 from fedge.privacy.ledger import RoundReleased
 from strategies.base import ClientUpdate, DeltaStrategy
+from strategies.client_hooks import ClientHook, Extra, Finisher, State, client_hook
 
 log = logging.getLogger("fedge.strategy")
 
@@ -69,21 +71,13 @@ _STATE_CLIP = "dp/clip-norm"
 _INNER = "inner/"
 
 
-def _require_mean_rule(inner: DeltaStrategy) -> None:
-    """Refuse inner rules that are not a weighted mean (median, Krum, ...): the wrapper
-    replaces the rule, and silently dropping a robust rule would surprise the user."""
-    rng = np.random.default_rng(0)
-    probe = [{"p": rng.standard_normal(3) * 1e-3} for _ in range(5)]
-    w = np.array([0.1, 0.15, 0.2, 0.25, 0.3])
-    try:
-        got = inner.aggregate(probe, w)["p"]
-        same = np.allclose(got, sum(wi * d["p"] for wi, d in zip(w, probe)), rtol=1e-9, atol=0)
-    except Exception:  # noqa: BLE001 - a rule that cannot even average five deltas is not a mean
-        same = False
-    if not same:
+def require_mean_rule(inner: DeltaStrategy) -> None:
+    """Refuse inner rules not declared a weighted mean (``aggregation``; median, Krum, ...): the
+    wrapper replaces the rule, and silently dropping a robust rule would surprise the user."""
+    if inner.aggregation != "mean":
         raise ValueError(f"strategy {inner.name!r} does not aggregate by a weighted mean; user-level DP replaces "
                          "the rule by a clipped, noised mean, so wrap a mean-based strategy (fedavg, fedprox, "
-                         "fedavgm, fedadam, ...) instead")
+                         f"fedavgm, fedadam, ...) instead (it declares aggregation = {inner.aggregation!r})")
 
 
 class UserLevelDP(DeltaStrategy):
@@ -115,7 +109,7 @@ class UserLevelDP(DeltaStrategy):
                          evaluate_clients_per_round=inner.evaluate_clients_per_round,
                          min_replies=inner.min_replies, encoding=inner.encoding, base_hash=inner.base_hash,
                          max_delta_norm=inner.max_delta_norm, seed=inner.seed, wait_nodes_s=inner.wait_nodes_s)
-        _require_mean_rule(inner)
+        require_mean_rule(inner)
         self.sampling = self.sampling if sampling is None else sampling
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling {self.sampling!r}; choose one of {list(SAMPLINGS)}")
@@ -128,8 +122,7 @@ class UserLevelDP(DeltaStrategy):
             # release when few replied would publish a function of the realized cohort.
             self.min_replies = 0
         self.inner = inner
-        self.identities = inner.identities  # one node -> client-name map, filled by inner.sample
-        self.installed = inner.installed
+        self.nodes = inner.nodes  # one directory: names learnt while sampling serve both
         self.noise_multiplier = M.positive("noise_multiplier", noise_multiplier)
         self.clip_norm = M.positive("clip_norm", clip_norm)
         self.adaptive = bool(adaptive)
@@ -319,3 +312,26 @@ class UserLevelDP(DeltaStrategy):
         if self.last_event is not None:
             metrics[M_NOISE_STD] = float(self.last_noise_std)
             metrics[M_NEXT_CLIP_NORM] = float(self.clip_norm)
+
+
+# -- client half: the clip happens on the device --------------------------------------------------
+
+
+@client_hook
+class ClipUpdate(ClientHook):
+    """User-level DP's client: Δ ← Δ · min(1, S/‖Δ‖₂) before it leaves the device; reports the
+    bit ‖Δ‖ ≤ S for adaptive clipping. Last, so it clips what is actually sent."""
+
+    key = CFG_CLIP_NORM
+    order = 90
+
+    @staticmethod
+    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
+        s = float(conf[CFG_CLIP_NORM])
+
+        def finish(delta: State, metrics: Any) -> tuple[State, Extra]:
+            clipped, norm = M.clip_update(delta, clip_norm=s)
+            metrics[M_UNCLIPPED] = float(norm <= s)
+            return clipped, {}
+
+        return finish

@@ -20,6 +20,7 @@ class FedAvg(DeltaStrategy):
     """Example-weighted mean of the client deltas."""
 
     name = "fedavg"
+    aggregation = "mean"
     paper = "McMahan et al. 2017, arXiv:1602.05629"
 
     def aggregate(self, deltas_: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:

@@ -44,6 +44,8 @@ class FedOpt(DeltaStrategy):
     tau : τ > 0, adaptivity; v starts at τ² and τ guards the division.
     """
 
+    aggregation = "mean"  # the mean of the deltas is the pseudo-gradient; the optimizer is server_update
+
     # **base: forwarded to the base __init__, typed there
     def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.9, tau: float = 1e-3, **base: Any) -> None:
         super().__init__(**base)

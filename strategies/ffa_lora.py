@@ -16,20 +16,25 @@ half the bytes for square projections. Under DP-SGD the noise enters B only, not
 a product of two noised factors (the paper's motivation). The paper suggests a
 larger alpha than for LoRA, since only half of the adapter learns.
 
-The round config carries ``protocol.CFG_FREEZE_A``; ``fedge.lora_fed`` freezes
-lora_A for the round and leaves it out of the reply. Linear LoRA layers only
+The round config carries ``protocol.CFG_FREEZE_A``; the client half (``FreezeA``
+below) freezes lora_A for the round and leaves it out of the reply. Linear LoRA layers only
 (``lora_A`` / ``lora_B`` names); ``lora_embedding_A`` is not frozen.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecordValues, Message
 
 from fedge import deltas
 from fedge import protocol as P
-from fedge.lora_fed import is_lora_a
+from fedge.lora_fed import adapter_parameters, is_lora_a
 from strategies.base import DeltaStrategy
+from strategies.client_hooks import ClientHook, Extra, Finisher, State, client_hook
 from strategies.registry import register
 
 
@@ -38,8 +43,9 @@ class FFALoRA(DeltaStrategy):
     """FFA-LoRA: lora_A frozen at its shared initialisation; the example-weighted mean of the B deltas."""
 
     name = "ffa-lora"
+    aggregation = "mean"
     paper = "Sun et al. 2024, arXiv:2403.12313"
-    freeze_key = P.CFG_FREEZE_A  # the round-config key that makes clients freeze (fedge.lora_fed)
+    freeze_key = P.CFG_FREEZE_A  # the round-config key that makes clients freeze (FreezeA below)
 
     @staticmethod
     def frozen(name: str) -> bool:
@@ -62,3 +68,36 @@ class FFALoRA(DeltaStrategy):
             raise ValueError(f"aggregate lacks trained tensors {missing[:3]}")
         step = {k: np.zeros(np.shape(v)) if self.frozen(k) else aggregate[k] for k, v in current.items()}
         return deltas.apply_delta(current, step)
+
+
+# -- client half ------------------------------------------------------------------------------
+
+
+def freeze(peft_model: Any, stack: ExitStack, which: Callable[[str], bool], what: str) -> Finisher:
+    """Freeze the adapter tensors ``which`` selects for the round (restored through ``stack``);
+    the finisher leaves them out of the reply and refuses a round in which one moved."""
+    frozen = {k: p for k, p in adapter_parameters(peft_model).items() if which(k)}
+    before = {k: p.requires_grad for k, p in frozen.items()}
+    for p in frozen.values():
+        p.requires_grad_(False)
+    stack.callback(lambda: [p.requires_grad_(before[k]) for k, p in frozen.items()])
+
+    def finish(delta: State, metrics: Any) -> tuple[State, Extra]:
+        moved = [k for k in frozen if k in delta and np.any(delta[k] != 0)]
+        if moved:  # e.g. a training path that ignores requires_grad
+            raise RuntimeError(f"{what} changed although frozen: {moved[:3]}")
+        return {k: v for k, v in delta.items() if not which(k)}, {}
+
+    return finish
+
+
+@client_hook
+class FreezeA(ClientHook):
+    """FFA-LoRA's client: lora_A frozen for the round; the reply omits it."""
+
+    key = P.CFG_FREEZE_A
+    order = 20
+
+    @staticmethod
+    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
+        return freeze(peft_model, stack, FFALoRA.frozen, "lora_A")

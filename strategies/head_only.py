@@ -16,18 +16,22 @@ FFA-LoRA r = 2) and its clients skip the backward pass through the encoder. Meas
 FFA-LoRA r = 2, so on these features the adapter neither helps nor hurts under DP; the
 probe is the baseline a private adapter has to beat.
 
-The round config carries ``protocol.CFG_FREEZE_ADAPTER``; ``fedge.lora_fed`` freezes
-both factors for the round and leaves them out of the reply. Needs a model with a
+The round config carries ``protocol.CFG_FREEZE_ADAPTER``; the client half
+(``FreezeAdapter`` below) freezes both factors for the round and leaves them out of the reply. Needs a model with a
 trainable head (task sequence-classification); a causal LM would train nothing.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from typing import Any
+
 from flwr.app import Message
 
 from fedge import protocol as P
 from fedge.lora_fed import is_lora
-from strategies.ffa_lora import FFALoRA
+from strategies.client_hooks import ClientHook, Finisher, client_hook
+from strategies.ffa_lora import FFALoRA, freeze
 from strategies.registry import register
 
 
@@ -48,3 +52,15 @@ class HeadOnly(FFALoRA):
         if not shapes:
             raise ValueError("head-only: the adapter has no head to train (task sequence-classification has one)")
         return shapes
+
+
+@client_hook
+class FreezeAdapter(ClientHook):
+    """Head-only's client: lora_A and lora_B frozen for the round; the reply carries the head."""
+
+    key = P.CFG_FREEZE_ADAPTER
+    order = 20
+
+    @staticmethod
+    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
+        return freeze(peft_model, stack, HeadOnly.frozen, "the adapter")

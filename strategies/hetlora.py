@@ -4,7 +4,8 @@ Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundatio
 Models", EMNLP 2024, https://arxiv.org/abs/2401.06432
 
 The global adapter has rank r_max (the scenario's ``lora.r``). Client i, of rank
-r_i ≤ r_max, receives the full adapter and truncates it (``fedge.lora_fed.truncate_rank``):
+r_i ≤ r_max, receives the full adapter and truncates it (``fedge.lora_fed.truncate_rank``;
+the client half is ``HetLoRAClient`` below):
 
     A^(i) = A[:r_i, :]   (r_i, in)        B^(i) = B[:, :r_i]   (out, r_i)
 
@@ -33,6 +34,7 @@ key: clients evaluate the full-rank global adapter.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from typing import Any, cast
 
 import numpy as np
@@ -43,6 +45,7 @@ from fedge import deltas
 from fedge import protocol as P
 from fedge.lora_fed import is_lora_a, is_lora_b, pad_rank, rank_of, truncate_rank
 from strategies.base import DeltaStrategy
+from strategies.client_hooks import ClientHook, Extra, Finisher, State, client_hook
 from strategies.registry import register
 
 
@@ -125,3 +128,40 @@ class HetLoRA(DeltaStrategy):
     def server_update(self, current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ranks no client had this round get a zero step.
         return deltas.apply_delta(current, pad_rank(aggregate, {k: np.shape(v) for k, v in current.items()}))
+
+
+# -- client half --------------------------------------------------------------------------------
+
+
+def _declare_rank(delta: State, metrics: Any) -> tuple[State, Extra]:
+    return delta, {P.LORA_META: ConfigRecord({P.META_LORA_RANK: int(rank_of(delta) or 0)})}
+
+
+@client_hook
+class HetLoRAClient(ClientHook):
+    """HetLoRA's client: build the model at this client's rank r_i; the reply declares r_i."""
+
+    key = P.CFG_HETLORA
+    order = 40
+
+    @staticmethod
+    def lora(conf: Any, context: Any, r: int, alpha: float) -> tuple[int, float]:
+        """r_i is, in order: the node config ``lora-rank`` (the device's capacity, deployment),
+        else ``hetlora-ranks[partition-id % len]`` (the round config, simulation), else
+        r_max = ``lora-r``; capped at r_max. alpha is scaled to alpha·r_i/r_max so every client
+        keeps the global scale s = alpha/r_max: the truncated model is exactly the first r_i
+        terms of the global one."""
+        r_max, nc = r, context.node_config
+        if P.NODE_LORA_RANK in nc:
+            r = int(nc[P.NODE_LORA_RANK])
+        elif P.CFG_HETLORA_RANKS in conf:
+            ranks = [int(x) for x in conf[P.CFG_HETLORA_RANKS]]
+            r = ranks[int(nc[P.NODE_PARTITION_ID]) % len(ranks)]
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        r = min(r, r_max)
+        return r, alpha * r / r_max
+
+    @staticmethod
+    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
+        return _declare_rank

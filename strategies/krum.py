@@ -83,6 +83,7 @@ class Krum(DeltaStrategy):
     """
 
     name = "krum"
+    aggregation = "robust"
     secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Blanchard et al. 2017, arXiv:1703.02757"
     weighted = False

@@ -26,8 +26,8 @@ Wire and state. R is carried in the server state (``residual/<module>.lora_resid
 float64) and sent to clients in every train and evaluate message as the ArrayRecord
 ``protocol.LORA_RESIDUAL`` (fp32, (out, in) per module: dense, so this costs
 Σ out·in values down per client and round, far more than the adapter). The client
-(``fedge.lora_fed.residual_applied``) adds s·R to the frozen base weight for the
-round and restores it bit for bit afterwards.
+(``FedExClient`` below, through ``fedge.lora_fed.residual_applied``) adds s·R to the
+frozen base weight for the round and restores it bit for bit afterwards.
 
 Serving and export: the served model is NOT the adapter alone. Evaluate it inside
 ``lora_fed.residual_applied(model, strategy.residual)``. The run ships R next to the PEFT
@@ -37,6 +37,7 @@ the config refuses ``export`` with this strategy.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -45,8 +46,9 @@ from flwr.serverapp import Grid
 
 from fedge import deltas
 from fedge import protocol as P
-from fedge.lora_fed import lora_pairs
+from fedge.lora_fed import lora_pairs, message_residual, residual_applied
 from strategies.base import DeltaStrategy
+from strategies.client_hooks import ClientHook, client_hook, need_content
 from strategies.registry import register
 
 CROSS = "cross/"  # aggregate keys of the term Σ_i w_i ΔB_i ΔA_i, per residual name
@@ -122,3 +124,16 @@ class FedExLoRA(DeltaStrategy):
         if bad:
             raise ValueError(f"fedex-lora state has only '{_STATE}<name>' keys, got {bad[:3]}")
         self.residual = {k[len(_STATE):]: np.array(v, np.float64) for k, v in state.items()} or None
+
+
+@client_hook
+class FedExClient(ClientHook):
+    """FedEx-LoRA's client: train on W0 + s·R (the message's residual), W0 restored on exit."""
+
+    key = P.CFG_LORA_EXACT
+    order = 10  # first: every other hook and the training see the served model
+
+    @staticmethod
+    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> None:
+        need_content(content, "FedEx-LoRA")
+        stack.enter_context(residual_applied(peft_model, message_residual(content)))

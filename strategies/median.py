@@ -27,6 +27,7 @@ class Median(DeltaStrategy):
     """
 
     name = "median"
+    aggregation = "robust"
     secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Yin et al. 2018, arXiv:1803.01498"
     weighted = False

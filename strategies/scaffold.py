@@ -16,9 +16,9 @@ N clients in all, K local steps and local learning rate η:
 so c stays the mean of all N clients' c_i. c (float64 here, fp32 on the wire) goes
 out with each train message as the ArrayRecord ``protocol.SCAFFOLD_C``; Δc_i comes
 back as ``protocol.SCAFFOLD_DC`` (fp32 whatever the delta encoding): SCAFFOLD
-doubles the bytes in both directions. c_i never leaves the client
-(``fedge.lora_fed``: the node's Context state, and disk under FEDGE_CLIENT_STATE);
-the round config carries a session id so a client never reuses c_i from another run.
+doubles the bytes in both directions. c_i never leaves the client (``ScaffoldClient``
+below: the node's Context state, and disk in the client's state directory); the round
+config carries a session id so a client never reuses c_i from another run.
 
 Caveats. The analysis assumes plain SGD local steps; fedge's clients use AdamW,
 whose per-coordinate normalisation makes (x − y_i)/(Kη) a rough, sign-like
@@ -30,7 +30,10 @@ and with user-level DP (Δc_i would leave unclipped and unnoised).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +42,9 @@ from flwr.serverapp import Grid
 
 from fedge import deltas
 from fedge import protocol as P
+from fedge.lora_fed import adapter_parameters
 from strategies.base import ClientUpdate, DeltaStrategy
+from strategies.client_hooks import ClientHook, Extra, Finisher, State, client_hook, need_content
 from strategies.registry import register
 
 
@@ -137,3 +142,80 @@ class Scaffold(DeltaStrategy):
             self.c, self.session = c, int(np.asarray(state["session"]).ravel()[0])
         else:
             self.c = None
+
+
+# -- client half: c_i, kept on the device -------------------------------------------------------
+
+SCAFFOLD_CI = "scaffold-ci"  # key in the node's Context state: c_i (+ the session it belongs to)
+_SESSION = "#session"
+
+
+def _ci_file(context: Any) -> Path | None:
+    own = P.client_state_dir(context.node_config)
+    return own / "scaffold-ci.npz" if own is not None else None
+
+
+def load_control_variate(context: Any, session: int, like: Mapping[str, np.ndarray]) -> State:
+    """c_i for this SCAFFOLD session (zeros when new: another session's c_i is never reused)."""
+    stored: State | None = None
+    f = _ci_file(context)
+    if f is not None and f.exists():
+        with np.load(f) as z:
+            stored = {k: z[k] for k in z.files}
+    elif SCAFFOLD_CI in context.state:
+        stored = deltas.from_record(context.state[SCAFFOLD_CI])
+    if stored is None or int(stored.pop(_SESSION, np.array([0]))[0]) != session:
+        return {k: np.zeros(np.shape(v)) for k, v in like.items()}
+    if set(stored) != set(like) or any(np.shape(stored[k]) != np.shape(like[k]) for k in like):
+        raise ValueError("stored SCAFFOLD c_i does not match this adapter's tensors (same session id?)")
+    return {k: np.asarray(v, np.float64) for k, v in stored.items()}
+
+
+def save_control_variate(context: Any, session: int, ci: Mapping[str, np.ndarray]) -> None:
+    arrays = {**{k: np.asarray(v, np.float64) for k, v in ci.items()}, _SESSION: np.array([session], np.int64)}
+    context.state[SCAFFOLD_CI] = deltas.to_record(arrays)
+    f = _ci_file(context)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f.name + ".tmp.npz")
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+        os.replace(tmp, f)  # atomic: a crash never leaves half a c_i
+
+
+@client_hook
+class ScaffoldClient(ClientHook):
+    """SCAFFOLD's client: gradient hooks g ← g + (c − c_i) for the round; the reply adds Δc_i (option II)."""
+
+    key = P.CFG_SCAFFOLD
+    order = 30
+
+    @staticmethod
+    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
+        import torch
+
+        if P.CFG_DPSGD_DELTA in conf or P.CFG_DP_CLIP_NORM in conf:
+            # DP-SGD's per-example gradients bypass the hook, and Δc_i would leave unclipped and unnoised.
+            raise ValueError("SCAFFOLD cannot run with DP-SGD or user-level DP")
+        need_content(content, "SCAFFOLD")
+        if P.SCAFFOLD_C not in content:
+            raise ValueError(f"SCAFFOLD round without the server control variate record {P.SCAFFOLD_C!r}")
+        session = int(conf[P.CFG_SCAFFOLD])
+        c = {k: np.asarray(v, np.float64) for k, v in deltas.from_record(content[P.SCAFFOLD_C]).items()}
+        params = adapter_parameters(peft_model)
+        if set(c) != set(params) or any(np.shape(c[k]) != tuple(params[k].shape) for k in c):
+            raise ValueError("the server's SCAFFOLD c does not match this client's adapter tensors")
+        ci = load_control_variate(context, session, c)
+        for name, p in params.items():
+            if p.requires_grad:
+                corr = torch.from_numpy(c[name] - ci[name]).to(device=p.device, dtype=p.dtype)
+                stack.callback(p.register_hook(lambda g, d=corr: g + d).remove)  # type: ignore[no-untyped-call]
+
+        def finish(delta: State, metrics: Any) -> tuple[State, Extra]:
+            k_steps, lr = int(conf[P.CFG_LOCAL_STEPS]), float(conf[P.CFG_LR])
+            # c_i⁺ = c_i − c + (x − y_i)/(Kη) with x − y_i = −Δ_i, so Δc_i = c_i⁺ − c_i = −c − Δ_i/(Kη).
+            dc = {k: (-c[k] - np.asarray(delta[k], np.float64) / (k_steps * lr)).astype(np.float32) for k in c}
+            # c_i moves by the fp32 Δc_i the server adds (over N) to c: c stays the mean of the c_i.
+            save_control_variate(context, session, {k: ci[k] + dc[k] for k in c})
+            return delta, {P.SCAFFOLD_DC: deltas.to_record(dc)}
+
+        return finish

@@ -36,6 +36,7 @@ class TrimmedMean(DeltaStrategy):
     """
 
     name = "trimmed-mean"
+    aggregation = "robust"
     secure_aggregation = False  # needs each client's update (or its extra records)
     paper = "Yin et al. 2018, arXiv:1803.01498"
     weighted = False

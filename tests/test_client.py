@@ -8,9 +8,10 @@ from flwr.app import Context, Message, MessageType, RecordDict
 import clients.app
 import clients.runtime
 from fedge import config as fcfg
-from fedge import deltas, lora_fed, models
+from fedge import deltas, models
 from fedge import protocol as P
 from server.federation import Evaluator, round_config
+from strategies import scaffold
 from tests.conftest import tiny_scenario_overrides
 
 
@@ -96,7 +97,7 @@ def test_a_node_without_partition_id_has_one_name_everywhere(tmp_path):
     assert P.client_name({P.NODE_PARTITION_ID: 3, P.NODE_DEVICE_ID: "shop-1"}) == "shop-1"
     ctx = Context(run_id=1, node_id=7, node_config={P.NODE_STATE_DIR: str(tmp_path)}, state=RecordDict(), run_config={})
     assert clients.app._state_dir(ctx) == tmp_path / "partition-000000"
-    assert lora_fed._ci_file(ctx) == tmp_path / "partition-000000" / "scaffold-ci.npz"
+    assert scaffold._ci_file(ctx) == tmp_path / "partition-000000" / "scaffold-ci.npz"
 
 
 def test_scenario_file_is_plain_yaml(tmp_path, tiny_llama_dir):

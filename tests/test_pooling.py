@@ -195,12 +195,13 @@ def test_head_only_round_trains_and_sends_the_head_alone(bert_dir, torch_one_thr
     from fedge import lora_fed
     from fedge import protocol as P
     from fedge.train import train_local
+    from strategies import client_hooks
 
     # Prepare: a mean-pooled classifier with LoRA on query/value, the round config of `head-only`
     peft = _peft(bert_dir)
     before = models.get_adapter_state(peft)
     # Execute: one local round as the client app runs it
-    with lora_fed.client_round(peft, {P.CFG_FREEZE_ADAPTER: True}, None) as hooks:
+    with client_hooks.client_round(peft, {P.CFG_FREEZE_ADAPTER: True}, None) as hooks:
         train_local(peft, _ex(), task="sequence-classification", pad_id=0, steps=3, batch_size=4, lr=1e-2,
                     head_lr=0.5, head_optimizer=head_optimizer)
         after = models.get_adapter_state(peft)

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedge import deltas
 from fedge import protocol as P
 from fedge.privacy import mechanisms as M
-from strategies import build
+from strategies import DeltaStrategy, available, build
 from strategies.dp_user_level import CFG_CLIP_NORM, M_NOISE_STD, M_UNCLIPPED, UserLevelDP
 
 SHAPES = {"lora_A": (3, 4), "scalar": ()}
@@ -206,3 +206,37 @@ def test_replies_carry_what_the_inner_algorithm_sends(task_identity, name, froze
     assert strat.report.accepted == 4 and not strat.report.rejected
     np.testing.assert_array_equal(got[frozen], np.zeros(SHAPES[frozen]))
     np.testing.assert_allclose(got["scalar"], sum(float(d["scalar"]) for d in ds) / 4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_a_declared_mean_rule_is_the_weighted_mean(name):
+    # Prepare: five small deltas (below any norm bound) and unequal weights: the oracle is Σ w_i Δ_i
+    strat = build(name, clients_per_round=8)
+    rng = np.random.default_rng(0)
+    ds = [{"p": rng.standard_normal(3) * 1e-3} for _ in range(5)]
+    w = np.array([0.1, 0.15, 0.2, 0.25, 0.3])
+
+    # Execute + Assert: what a strategy declares is what it computes; only a declared mean can be wrapped
+    if strat.aggregation == "mean":
+        got = strat.aggregate(ds, w)["p"]
+        np.testing.assert_allclose(got, sum(wi * d["p"] for wi, d in zip(w, ds)), rtol=1e-9, atol=0)
+        assert UserLevelDP(strat, noise_multiplier=1.0, clip_norm=1.0).inner is strat
+    else:
+        assert strat.aggregation in ("robust", "custom")
+        with pytest.raises(ValueError, match="weighted mean"):
+            UserLevelDP(strat, noise_multiplier=1.0, clip_norm=1.0)
+
+
+def test_an_undeclared_rule_is_refused_even_when_it_averages():
+    # A user's strategy that averages but does not say so: the wrapper does not guess from a probe
+    class Averages(DeltaStrategy):
+        def aggregate(self, deltas_, weights):
+            return {k: sum(w * d[k] for w, d in zip(weights, deltas_)) for k in deltas_[0]}
+
+    with pytest.raises(ValueError, match="declares aggregation = 'custom'"):
+        UserLevelDP(Averages(clients_per_round=4), noise_multiplier=1.0, clip_norm=1.0)
+
+    class DeclaresIt(Averages):
+        aggregation = "mean"
+
+    assert UserLevelDP(DeclaresIt(clients_per_round=4), noise_multiplier=1.0, clip_norm=1.0).inner.aggregation == "mean"

@@ -1,9 +1,9 @@
 """LoRA-aware strategies against oracles: FedEx-LoRA, FFA-LoRA, SCAFFOLD, HetLoRA.
 
 Server rules are checked on small float64 matrices against hand computations; the
-client side (``fedge.lora_fed``) on the tiny seeded Llama. ``run_client`` below is
-the train handler of clients/app.py with the LoRA hooks wired in (rank from
-``lora_fed.client_lora``, truncated global view, ``msg.content`` passed on).
+client halves (``strategies.client_hooks``) on the tiny seeded Llama. ``run_client`` below is
+the train handler of clients/app.py with the hooks wired in (rank from
+``client_hooks.client_lora``, truncated global view, ``msg.content`` passed on).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fedge import deltas, lora_fed, models
 from fedge import protocol as P
 from fedge.data.tokenize import collate, encode_chat
 from fedge.train import per_example_loss, train_local
-from strategies import build
+from strategies import build, client_hooks
 
 PAIRS = [("hello there", "hi"), ("what is the weather like today", "sunny and warm"),
          ("who are you", "a small model"), ("tell me a joke", "no"), ("how do I reset it", "hold the button"),
@@ -77,10 +77,10 @@ def effective_weights(peft) -> dict[str, np.ndarray]:
 def run_client(peft, tokenizer, msg: Message, ctx: Context, examples: list, *, seed: int, seen: list | None = None):
     """clients/app.py's train handler with the LoRA hooks wired in; ``seen`` collects W_i."""
     conf = msg.content[P.CONFIG]
-    r, _ = lora_fed.client_lora(conf, ctx)
+    r, _ = client_hooks.client_lora(conf, ctx)
     global_state = lora_fed.client_view(deltas.from_record(msg.content[P.ARRAYS]), r)
     models.set_adapter_state(peft, global_state)
-    with lora_fed.client_round(peft, conf, ctx, msg.content) as hooks:
+    with client_hooks.client_round(peft, conf, ctx, msg.content) as hooks:
         train_local(peft, examples, task="causal-lm", pad_id=tokenizer.pad_token_id, steps=int(conf[P.CFG_LOCAL_STEPS]),
                     batch_size=2, lr=float(conf[P.CFG_LR]), seed=seed)
         if seen is not None:
@@ -203,7 +203,7 @@ def test_fedex_through_the_client_hook_on_a_tiny_model(tiny_llama_dir, flower_id
 def test_fedex_client_refuses_without_the_message_records(tiny_llama_dir, torch_one_thread):
     _, peft = tiny_peft(tiny_llama_dir)
     with pytest.raises(ValueError, match="msg.content"):
-        with lora_fed.client_round(peft, train_config(**{P.CFG_LORA_EXACT: True}), context(0)):
+        with client_hooks.client_round(peft, train_config(**{P.CFG_LORA_EXACT: True}), context(0)):
             pass
 
 
@@ -335,7 +335,7 @@ def test_scaffold_client_corrects_every_gradient(tmp_path, tiny_llama_dir, flowe
 
     # Round 1: c_i = 0, so the gradient is g + c
     ctx = context(0, **{"state-dir": str(tmp_path)})
-    with lora_fed.client_round(peft, conf, ctx, content(c1)) as hooks:
+    with client_hooks.client_round(peft, conf, ctx, content(c1)) as hooks:
         corrected = grads()
         _, extra = hooks.finish(delta)
     for k in shapes:
@@ -350,22 +350,22 @@ def test_scaffold_client_corrects_every_gradient(tmp_path, tiny_llama_dir, flowe
         np.testing.assert_array_equal(g, plain[k])
 
     # Round 2, after a restart (fresh Context, same state dir): the gradient is g + c − c_i
-    with lora_fed.client_round(peft, conf, context(0, **{"state-dir": str(tmp_path)}), content(c2)) as hooks:
+    with client_hooks.client_round(peft, conf, context(0, **{"state-dir": str(tmp_path)}), content(c2)) as hooks:
         corrected = grads()
     for k in shapes:
         np.testing.assert_allclose(corrected[k] - plain[k], c2[k] - ci[k], rtol=0, atol=1e-6, err_msg=k)
     # Another SCAFFOLD session (another run) starts from c_i = 0
-    with lora_fed.client_round(peft, train_config(**{P.CFG_SCAFFOLD: 8}), ctx, content(c2)) as hooks:
+    with client_hooks.client_round(peft, train_config(**{P.CFG_SCAFFOLD: 8}), ctx, content(c2)) as hooks:
         corrected = grads()
     for k in shapes:
         np.testing.assert_allclose(corrected[k] - plain[k], c2[k], rtol=0, atol=1e-6, err_msg=k)
     # Refused with DP (Δc_i would leave unprotected) and without the message records
     with pytest.raises(ValueError, match="DP"):
         dp_conf = train_config(**{P.CFG_SCAFFOLD: 7, P.CFG_DP_CLIP_NORM: 1.0})
-        with lora_fed.client_round(peft, dp_conf, ctx, content(c1)):
+        with client_hooks.client_round(peft, dp_conf, ctx, content(c1)):
             pass
     with pytest.raises(ValueError, match="msg.content"):
-        with lora_fed.client_round(peft, conf, ctx):
+        with client_hooks.client_round(peft, conf, ctx):
             pass
 
 
@@ -428,10 +428,10 @@ def test_hetlora_client_trains_the_truncated_global_model(tiny_llama_dir, flower
     conf = train_config(**{P.CFG_LORA_R: 4, P.CFG_LORA_ALPHA: 8.0, P.CFG_HETLORA: True, P.CFG_HETLORA_RANKS: [1, 2, 4],
                            P.CFG_LOCAL_STEPS: 1})
     # Ranks: by partition from the list; a node's own lora-rank wins (capped at r_max); alpha keeps s
-    assert [lora_fed.client_lora(conf, context(p)) for p in range(4)] == [(1, 2.0), (2, 4.0), (4, 8.0), (1, 2.0)]
-    assert lora_fed.client_lora(conf, context(0, **{P.NODE_LORA_RANK: 16})) == (4, 8.0)
-    assert lora_fed.client_lora(train_config(), context(0, **{P.NODE_LORA_RANK: 1})) == (2, 4.0)  # not HetLoRA
-    r, alpha = lora_fed.client_lora(conf, context(1))
+    assert [client_hooks.client_lora(conf, context(p)) for p in range(4)] == [(1, 2.0), (2, 4.0), (4, 8.0), (1, 2.0)]
+    assert client_hooks.client_lora(conf, context(0, **{P.NODE_LORA_RANK: 16})) == (4, 8.0)
+    assert client_hooks.client_lora(train_config(), context(0, **{P.NODE_LORA_RANK: 1})) == (2, 4.0)  # not HetLoRA
+    r, alpha = client_hooks.client_lora(conf, context(1))
     base2, peft2 = tiny_peft(tiny_llama_dir, r=r, alpha=alpha)
     # Execute: the client's model = the global model with rank components ≥ 2 zeroed
     models.set_adapter_state(peft2, lora_fed.client_view(g, r))
@@ -454,3 +454,62 @@ def test_hetlora_client_trains_the_truncated_global_model(tiny_llama_dir, flower
         rest = (slice(2, None), slice(None)) if lora_fed.is_lora_a(k) else (slice(None), slice(2, None))
         np.testing.assert_allclose(new[k][kept], local[k], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(new[k][rest], v[rest])
+
+
+# -- client halves: one registry, one key per algorithm ---------------------------------------
+
+
+def test_every_client_half_is_registered_once_under_its_strategys_key():
+    from strategies.client_hooks import ClientHook, client_hook
+    from strategies.dp_user_level import CFG_CLIP_NORM
+
+    # Execute
+    keys = client_hooks.registered()
+
+    # Assert: the six algorithms with a client half, each under the key its strategy sends
+    assert set(keys) == {P.CFG_LORA_EXACT, P.CFG_FREEZE_A, P.CFG_FREEZE_ADAPTER, P.CFG_SCAFFOLD, P.CFG_HETLORA,
+                         CFG_CLIP_NORM}
+    for name, key in (("fedex-lora", P.CFG_LORA_EXACT), ("ffa-lora", P.CFG_FREEZE_A),
+                      ("head-only", P.CFG_FREEZE_ADAPTER), ("scaffold", P.CFG_SCAFFOLD), ("hetlora", P.CFG_HETLORA)):
+        assert key in build(name, clients_per_round=2).round_config(1), name
+    assert [h.key for h in client_hooks.active({CFG_CLIP_NORM: 1.0, P.CFG_FREEZE_A: True})] == [P.CFG_FREEZE_A,
+                                                                                               CFG_CLIP_NORM]
+    assert client_hooks.active({P.CFG_FREEZE_A: False}) == []
+
+    class Again(ClientHook):
+        key = P.CFG_SCAFFOLD
+
+    with pytest.raises(ValueError, match="already registered"):
+        client_hook(Again)
+
+
+def test_user_level_dp_clips_what_ffa_lora_clients_send(tmp_path, tiny_llama_dir, flower_identity, torch_one_thread):
+    import clients.app
+    from fedge import config as fcfg
+    from fedge.privacy import mechanisms as M
+    from server.federation import Evaluator, round_config
+    from strategies.dp_user_level import UserLevelDP
+    from tests.conftest import tiny_scenario_overrides
+
+    # Prepare: the real client app; user-level DP around FFA-LoRA with a clip norm every update exceeds
+    cfg = fcfg.load("default", tiny_scenario_overrides(tiny_llama_dir))
+    path = tmp_path / "scenario.yaml"
+    path.write_text(fcfg.dump_yaml(cfg))
+    ev = Evaluator(cfg)
+    app = clients.app.make_app(str(path))
+    a0 = ev.initial_adapter()
+    s = 1e-4
+    strategy = UserLevelDP(build("ffa-lora", clients_per_round=2, base_hash=ev.base.hash), noise_multiplier=1.0,
+                           clip_norm=s, seed=0, sampling="fixed")
+
+    # Execute
+    msgs = strategy.configure_train(1, deltas.to_record(a0), round_config(cfg, base_hash=ev.base.hash), FakeGrid(2))
+    replies = [app(m, context(int(m.metadata.dst_node_id) - 1)) for m in msgs]
+
+    # Assert: B (and no A) leaves each device, clipped to S after A was left out; the bit says "clipped"
+    for r in replies:
+        assert not r.has_error(), r.error.reason if r.has_error() else ""
+        sent = deltas.decode(deltas.from_record(r.content[P.ARRAYS]), "fp32")
+        assert sent and not any(lora_fed.is_lora_a(k) for k in sent)
+        assert M.stable_norm(sent) == pytest.approx(s, rel=1e-3)
+        assert r.content[P.METRICS][P.M_DP_UNCLIPPED] == 0.0
