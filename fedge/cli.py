@@ -160,7 +160,8 @@ def cmd_audit(args) -> int:
         raise fcfg.ConfigError(f"--confidence must be in [0.5, 1), got {args.confidence}")
     try:
         result = audit.audit_scenario(cfg, level=args.level, access=access, canaries=canaries, seed=args.seed,
-                                      mechanism=args.mechanism, p=1.0 - args.confidence)
+                                      mechanism=args.mechanism, p=1.0 - args.confidence,
+                                      client_sampling=args.client_sampling)
     except ValueError as err:
         print(f"fedge audit: {err}", file=sys.stderr)
         return 2
@@ -549,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--confidence", type=float, default=0.95, help="confidence of ε_lb (default %(default)s)")
     sp.add_argument("--seed", type=int, default=0, help="canary and inclusion seed (default %(default)s)")
     sp.add_argument("--mechanism", help="user level: audit this UserLevelDP-compatible class ('pkg.module:Class')")
+    sp.add_argument("--client-sampling", action="store_true",
+                    help="user level, Poisson sampling: draw each round's cohort with the real sampler at the "
+                    "scenario's q = clients_per_round / num_clients (the canaries among background clients), so the "
+                    "audit charges the scenario's own ε and tests the amplification (default: every canary in every "
+                    "round, q = 1)")
     sp.add_argument("--run-dir", help="write audit.json, the plot and a report.md section here "
                     "(e.g. the run being audited; default: a new runs/<run-id>/)")
     sp.set_defaults(fn=cmd_audit)

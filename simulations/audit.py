@@ -19,9 +19,14 @@ score_j = cos(A_T − A_0, u_j) = ⟨A_T − A_0, u_j⟩ / ‖A_T − A_0‖.
 Per round the score moves by S/m (add/remove; 2S/m replace-one) against noise zS/m,
 exactly the Gaussian mechanism the accountant charges, so a correct mechanism gives
 ε_lb ≤ ε and a missing 1/m, a skipped clip or missing noise gives ε_lb > ε.
-Every canary takes part in every round (q = 1): the audit does not exercise the
-amplification by client sampling, and its ε is the accountant's ε for that run (≥ the
-scenario's ε, which is reported beside it).
+By default every canary takes part in every round (q = 1), and the audit's ε is the
+accountant's ε for that run (≥ the scenario's ε, which is reported beside it). With a
+``population`` N > m (Poisson sampling only) the round's cohort is drawn by the real
+``UserLevelDP.sample`` from N clients (the included canaries and N − m background clients
+whose updates are 0), each joining with q = k/N from OS entropy: an included canary then
+moves its score by S/k only in the rounds it was drawn, K_j ~ Bin(T, q), and the ledger
+charges the Poisson-subsampled Gaussian (amplification by client sampling). This tests the
+sampler and the accountant's q against each other.
 
 Record level, black box (:func:`audit_record_level`). A tiny seeded BERT classifier
 (random weights from a config, LoRA on query/value) and random background records;
@@ -56,6 +61,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,10 +89,13 @@ def audit_user_level(
     *, canaries: int, rounds: int, noise_multiplier: float | None, clip_norm: float, delta: float,
     seed: int = 0, inner: str = "fedavg", mechanism=None, adaptive: bool = False, target_quantile: float = 0.5,
     clip_lr: float = 0.2, count_noise_std: float | None = None, sampling: str | None = None,
-    accountant: str = "rdp", p: float = A.DEFAULT_P,
+    accountant: str = "rdp", p: float = A.DEFAULT_P, population: int | None = None,
+    clients_per_round: int | None = None,
 ) -> dict:
     """White-box user-level audit (module docstring). ``noise_multiplier=None``: no DP (the
-    inner strategy's own aggregate, nothing clipped or noised), ε is None."""
+    inner strategy's own aggregate, nothing clipped or noised), ε is None. ``population`` N and
+    ``clients_per_round`` k (expected cohort): client sampling at q = k/N through the real
+    sampler; None: every canary in every round, k = m."""
     import strategies
 
     m = int(canaries)
@@ -94,10 +103,18 @@ def audit_user_level(
         raise ValueError(f"canaries must be >= 2, got {canaries!r}")
     if int(rounds) < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    n_pop = m if population is None else int(population)
+    k = m if clients_per_round is None else int(clients_per_round)
+    if n_pop < m or not 1 <= k <= n_pop:
+        raise ValueError(f"need canaries ({m}) <= population ({n_pop}) and 1 <= clients_per_round ({k}) <= population")
+    sampled = n_pop > m or k < m
+    if sampled and (noise_multiplier is None or sampling not in (None, "poisson")):
+        raise ValueError("client sampling (population > canaries) is audited under user-level DP with "
+                         "Poisson sampling only")
     rng = np.random.default_rng(seed)
     included = rng.random(m) < 0.5
     axis = rng.permutation(m)  # canary j's direction: e_{axis[j]}
-    base = strategies.build(inner, clients_per_round=m, min_replies=1, seed=seed)
+    base = strategies.build(inner, clients_per_round=k, min_replies=1, seed=seed)
     if noise_multiplier is None:
         strat, sampling = base, sampling or "fixed"
     else:
@@ -107,6 +124,8 @@ def audit_user_level(
                   target_quantile=target_quantile, clip_lr=clip_lr, count_noise_std=count_noise_std, seed=seed)
         if sampling is not None and "sampling" in inspect.signature(mechanism).parameters:
             kw["sampling"] = sampling
+        if sampled:
+            kw["num_clients"] = n_pop
         strat = mechanism(base, **kw)
         sampling = getattr(strat, "sampling", "fixed")
     replace_one = sampling == "fixed"
@@ -122,12 +141,34 @@ def audit_user_level(
     current, ledger = start, PrivacyLedger()
     strat.current = dict(start)  # A_0: the shapes an empty Poisson cohort releases noise in
     t0 = time.perf_counter()
+    grid, canary_of = None, {}
+    if sampled:
+        # Node ids 1..N: the included canaries first, then background clients (update 0, left out
+        # of the sum they would not change); excluded canaries are not in the population at all.
+        present_nodes = [int(j) + 1 for j in np.flatnonzero(included)] + list(range(m + 1, n_pop + 1))
+        canary_of = {int(j) + 1: i for i, j in enumerate(np.flatnonzero(included))}  # node -> index in deltas_
+        strat.nodes.names.update({n: f"client-{n:07d}" for n in present_nodes})  # known: no identity query
+        grid = SimpleNamespace(get_node_ids=lambda: present_nodes)
+        strat.wait_nodes_s = strat.inner.wait_nodes_s = 0.0
+    cohort_sizes = []
+    # The excluded canaries are absent from a population planned with them: the sampler's
+    # "fewer connected than planned" warning is expected here, once per round.
+    quiet, level = logging.getLogger("fedge.strategy"), logging.getLogger("fedge.strategy").level
+    if sampled:
+        quiet.setLevel(logging.ERROR)
     for t in range(1, int(rounds) + 1):
-        agg = strat.aggregate(deltas_, weights)
+        if sampled:
+            chosen = strat.sample(grid, t, k, purpose=0)  # the real secret Poisson cohort
+            cohort_sizes.append(len(chosen))
+            round_deltas = [deltas_[canary_of[n]] for n in chosen if n in canary_of]
+            agg = strat.aggregate(round_deltas, np.full(len(round_deltas), 1.0 / max(len(round_deltas), 1)))
+        else:
+            agg = strat.aggregate(deltas_, weights)
         current = strat.server_update(current, agg)
         event = getattr(strat, "last_event", None)
         if event is not None:
             ledger.record(dataclasses.replace(event, round=t))
+    quiet.setLevel(level)
     moved = current["canary"] - start["canary"]
     norm = float(np.linalg.norm(moved))
     scores = moved[axis] / norm if norm > 0 else np.zeros(m)
@@ -135,6 +176,8 @@ def audit_user_level(
     return {"level": "user", "access": "white", "epsilon": eps, "delta": float(delta), "canaries": m,
             "rounds": int(rounds), "noise_multiplier": noise_multiplier, "clip_norm": float(clip_norm),
             "sampling": sampling, "adjacency": "replace-one" if replace_one else "add/remove",
+            "population": n_pop, "clients_per_round": k, "sample_rate": k / n_pop if sampled else 1.0,
+            "mean_cohort": float(np.mean(cohort_sizes)) if cohort_sizes else float(m),
             "mechanism": f"{type(strat).__module__}:{type(strat).__name__}", "seed": seed,
             "seconds": time.perf_counter() - t0, "score": "cosine of A_T - A_0 with the canary direction",
             "scores": scores.tolist(), "included": included.tolist(),
@@ -492,8 +535,11 @@ def write(result: dict, run_dir: Path) -> Path:
 
 
 def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0, mechanism: str | None = None,
-                   p: float = A.DEFAULT_P) -> dict:
-    """The audit a scenario's privacy settings call for (library form of ``fedge audit``)."""
+                   p: float = A.DEFAULT_P, client_sampling: bool = False) -> dict:
+    """The audit a scenario's privacy settings call for (library form of ``fedge audit``).
+
+    ``client_sampling`` (user level, Poisson): the canaries among max(N, 2m) clients, the cohort
+    drawn by the real sampler at the scenario's q = k/N, so the ledger charges the scenario's ε."""
     if (level, access) not in (("user", "white"), ("record", "black"), ("record", "white")):
         raise ValueError(f"--level {level} --access {access}: implemented are user/white, record/white and "
                          "record/black")
@@ -504,11 +550,19 @@ def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0
         fed = cfg.federation
         strat = build_strategy(cfg, base_hash="")
         z = getattr(strat, "noise_multiplier", None) if ul.enabled else None
+        population = per_round = None
+        if client_sampling:
+            if not ul.enabled or getattr(strat, "sampling", None) != "poisson":
+                raise ValueError("--client-sampling audits user-level DP with privacy.user_level.sampling: poisson")
+            q = fed.clients_per_round / cfg.data.num_clients
+            population = max(cfg.data.num_clients, 2 * canaries)
+            per_round = max(1, round(q * population))
         out = audit_user_level(canaries=canaries, rounds=fed.num_rounds, noise_multiplier=z, clip_norm=ul.clip_norm,
                                delta=ul.delta, seed=seed, inner=cfg.strategy.name,
                                mechanism=load_mechanism(mechanism) if mechanism else None, adaptive=ul.adaptive,
                                target_quantile=ul.target_quantile, clip_lr=ul.clip_lr,
-                               count_noise_std=ul.count_noise_std, sampling=getattr(strat, "sampling", None), p=p)
+                               count_noise_std=ul.count_noise_std, sampling=getattr(strat, "sampling", None), p=p,
+                               population=population, clients_per_round=per_round)
         if ul.enabled:
             from fedge.privacy.accounting import user_level_epsilon
 

@@ -11,6 +11,7 @@ import pytest
 from fedge import cli
 from fedge.privacy import accounting
 from simulations import audit as SA
+from strategies.dp_user_level import UserLevelDP
 
 T, DELTA = 4, 1e-5
 
@@ -38,6 +39,39 @@ def test_no_dp_reaches_the_audits_ceiling():
     got = SA.audit_user_level(canaries=m, rounds=T, noise_multiplier=None, clip_norm=0.1, delta=DELTA, seed=0)
     assert got["epsilon"] is None and got["auroc"] == 1.0
     assert got["epsilon_lb"] > 0.85 * got["ceiling"] and got["epsilon_lb"] > 4.0
+
+
+class EveryoneEveryRound(UserLevelDP):
+    """Charges Poisson sampling at q = k/N (its events say so) but trains every client every round."""
+
+    def sample(self, grid, server_round, k, purpose):
+        chosen = super().sample(grid, server_round, k, purpose)  # draws (and records) the secret cohort...
+        return self.inner.connected_nodes(grid, server_round, k) if purpose == 0 else chosen  # ...then ignores it
+
+
+@pytest.mark.parametrize("mechanism,flagged", [(None, False), (EveryoneEveryRound, True)])
+def test_client_sampling_audit_holds_the_sampler_to_the_accountants_q(mechanism, flagged):
+    # Prepare: 2,000 canaries among N = 4,000 clients, k = 1,000 expected per round (q = 1/4), 32 rounds;
+    # z calibrated for ε = 4 with the amplification by Poisson client sampling.
+    m, n, k, rounds = 2000, 4000, 1000, 32
+    z = accounting.user_level_noise_for_epsilon(target_epsilon=4.0, clients_per_round=k, num_clients=n,
+                                                rounds=rounds, delta=DELTA, sampling="poisson")
+
+    # Execute: the real sampler draws each round's cohort; the real aggregation releases it
+    got = SA.audit_user_level(canaries=m, rounds=rounds, noise_multiplier=z, clip_norm=0.1, delta=DELTA, seed=0,
+                              sampling="poisson", population=n, clients_per_round=k, mechanism=mechanism)
+
+    # Assert: the ledger charged q = 1/4 (ε ≈ 4). Sampling as charged: measured, and at most ε. A sampler
+    # that takes every client while q is charged voids the amplification, and the audit says so.
+    assert got["sample_rate"] == 0.25 and got["epsilon"] == pytest.approx(4.0, abs=0.01)
+    assert SA.violated(got) == flagged
+    if flagged:
+        assert got["epsilon_lb"] > got["epsilon"]
+    else:
+        assert 0.5 < got["epsilon_lb"] <= got["epsilon"]
+        present = int(np.sum(got["included"])) + (n - m)  # included canaries + background clients
+        sd_of_mean = (present * 0.25 * 0.75 / rounds) ** 0.5
+        assert abs(got["mean_cohort"] - 0.25 * present) < 5 * sd_of_mean  # each present client joins with q
 
 
 _BROKEN = '''
@@ -86,6 +120,17 @@ def test_cli_passes_the_real_mechanism_and_writes_the_report(tmp_path):
     assert report.count("## Privacy audit: user level, white box") == 1
     rc2, _ = _audit(tmp_path)  # a second audit replaces the section
     assert rc2 == 0 and (run / "report.md").read_text().count("## Privacy audit: user level") == 1
+
+
+def test_cli_client_sampling_audits_the_scenarios_own_epsilon(tmp_path):
+    # Execute: classify (10 of 20 clients per round, q = 1/2), z = 8, 8 rounds, cohorts drawn by the real sampler
+    rc, run = _audit(tmp_path, "--client-sampling")
+
+    # Assert: the ledger charged the scenario's q, so the audit's ε is the scenario's ε; below it, measured
+    doc = json.loads((run / "audit.json").read_text())["user-white"]
+    assert doc["sample_rate"] == 0.5 and doc["population"] == 1000 and doc["clients_per_round"] == 500
+    assert doc["epsilon"] == pytest.approx(doc["epsilon_scenario"], rel=1e-9)
+    assert rc == 0 and not doc["violated"] and doc["epsilon_lb"] <= doc["epsilon"]
 
 
 def test_bad_arguments_name_the_field(tmp_path):
