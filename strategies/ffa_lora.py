@@ -97,7 +97,9 @@ class FreezeA(ClientHook):
 
     key = P.CFG_FREEZE_A
     order = 20
+    strategy: type[FFALoRA] = FFALoRA  # whose ``frozen`` rule the client applies
+    what = "lora_A"
 
-    @staticmethod
-    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
-        return freeze(peft_model, stack, FFALoRA.frozen, "lora_A")
+    @classmethod
+    def enter(cls, peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
+        return freeze(peft_model, stack, cls.strategy.frozen, cls.what)

@@ -23,15 +23,12 @@ trainable head (task sequence-classification); a causal LM would train nothing.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-from typing import Any
-
 from flwr.app import Message
 
 from fedge import protocol as P
 from fedge.lora_fed import is_lora
-from strategies.client_hooks import ClientHook, Finisher, client_hook
-from strategies.ffa_lora import FFALoRA, freeze
+from strategies.client_hooks import client_hook
+from strategies.ffa_lora import FFALoRA, FreezeA
 from strategies.registry import register
 
 
@@ -55,12 +52,9 @@ class HeadOnly(FFALoRA):
 
 
 @client_hook
-class FreezeAdapter(ClientHook):
+class FreezeAdapter(FreezeA):
     """Head-only's client: lora_A and lora_B frozen for the round; the reply carries the head."""
 
     key = P.CFG_FREEZE_ADAPTER
-    order = 20
-
-    @staticmethod
-    def enter(peft_model: Any, conf: Any, context: Any, content: Any, stack: ExitStack) -> Finisher:
-        return freeze(peft_model, stack, HeadOnly.frozen, "the adapter")
+    strategy = HeadOnly
+    what = "the adapter"

@@ -226,19 +226,27 @@ def test_ffa_lora_average_of_b_is_exact():
                                rtol=1e-12)
 
 
-def test_ffa_lora_through_the_client_app(tmp_path, tiny_llama_dir, flower_identity, torch_one_thread):
+def real_client_app(tmp_path, model_dir):
+    """The real client app on the tiny scenario: (config, its scenario file, evaluator, app, A_0)."""
     import clients.app
     from fedge import config as fcfg
-    from server.federation import Evaluator, round_config
+    from server.federation import Evaluator
     from tests.conftest import tiny_scenario_overrides
 
-    # Prepare: the real client app on the tiny scenario, three partitions
-    cfg = fcfg.load("default", tiny_scenario_overrides(tiny_llama_dir))
+    cfg = fcfg.load("default", tiny_scenario_overrides(model_dir))
     path = tmp_path / "scenario.yaml"
     path.write_text(fcfg.dump_yaml(cfg))
     ev = Evaluator(cfg)
-    app = clients.app.make_app(str(path))
-    a0 = ev.initial_adapter()
+    return cfg, path, ev, clients.app.make_app(str(path)), ev.initial_adapter()
+
+
+def test_ffa_lora_through_the_client_app(tmp_path, tiny_llama_dir, flower_identity, torch_one_thread):
+    import clients.app
+    from fedge import config as fcfg
+    from server.federation import round_config
+
+    # Prepare: the real client app on the tiny scenario, three partitions
+    cfg, path, ev, app, a0 = real_client_app(tmp_path, tiny_llama_dir)
     strategy = build("ffa-lora", clients_per_round=3, base_hash=ev.base.hash)
     arrays, b_keys = deltas.to_record(a0), {k for k in a0 if not lora_fed.is_lora_a(k)}
     for rnd in (1, 2):
@@ -484,20 +492,12 @@ def test_every_client_half_is_registered_once_under_its_strategys_key():
 
 
 def test_user_level_dp_clips_what_ffa_lora_clients_send(tmp_path, tiny_llama_dir, flower_identity, torch_one_thread):
-    import clients.app
-    from fedge import config as fcfg
     from fedge.privacy import mechanisms as M
-    from server.federation import Evaluator, round_config
+    from server.federation import round_config
     from strategies.dp_user_level import UserLevelDP
-    from tests.conftest import tiny_scenario_overrides
 
     # Prepare: the real client app; user-level DP around FFA-LoRA with a clip norm every update exceeds
-    cfg = fcfg.load("default", tiny_scenario_overrides(tiny_llama_dir))
-    path = tmp_path / "scenario.yaml"
-    path.write_text(fcfg.dump_yaml(cfg))
-    ev = Evaluator(cfg)
-    app = clients.app.make_app(str(path))
-    a0 = ev.initial_adapter()
+    cfg, _, ev, app, a0 = real_client_app(tmp_path, tiny_llama_dir)
     s = 1e-4
     strategy = UserLevelDP(build("ffa-lora", clients_per_round=2, base_hash=ev.base.hash), noise_multiplier=1.0,
                            clip_norm=s, seed=0, sampling="fixed")
