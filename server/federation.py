@@ -173,11 +173,12 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def record_privacy(ledger: PrivacyLedger, strategy: strategies.DeltaStrategy, rnd: int) -> None:
+def record_privacy(ledger: PrivacyLedger, strategy: strategies.DeltaStrategy, rnd: int,
+                   report: strategies.RoundReport) -> None:
     """Charge this round: the server's release (if it noised one) and each client's DP-SGD steps."""
     if strategy.last_event is not None:
         ledger.record(strategy.last_event)
-    for name, m in sorted(strategy.report.client_metrics.items()):
+    for name, m in sorted(report.client_metrics.items()):
         if P.M_DP_NOISE in m:
             ledger.record(ClientDPSGD(client=name, round=rnd, noise_multiplier=m[P.M_DP_NOISE],
                                       sample_rate=m[P.M_DP_SAMPLE_RATE], steps=int(m[P.M_DP_STEPS])))
@@ -363,20 +364,21 @@ class Federation:
 
         Raises BudgetExceeded, before any message leaves, when the round would pass the target ε."""
         t0 = time.perf_counter()
-        new_arrays = self._train(server_round)
+        new_arrays, report = self._train(server_round)
         if new_arrays is not None:
             self.arrays = new_arrays
-        trained = self._trained_row(server_round)
+        trained = self._trained_row(server_round, report)
         # Charge the release and checkpoint it before the new adapter leaves the server (evaluation
         # clients): a crash after this point resumes after this round and never releases it twice.
-        record_privacy(self.ledger, self.strategy, server_round)
+        record_privacy(self.ledger, self.strategy, server_round, report)
         self.adapter = deltas.from_record(self.arrays)
         _checkpoint(self.run_dir, server_round, self.adapter, self.strategy, self.digest, self.ledger,
                     trained=trained)
         return RoundRecord(row=self._report(server_round, trained, t0), arrays=new_arrays)
 
-    def _train(self, rnd: int) -> ArrayRecord | None:
-        """One training round (secure or plain): the aggregated adapter, or None to keep A_{t-1}."""
+    def _train(self, rnd: int) -> tuple[ArrayRecord | None, strategies.RoundReport]:
+        """One training round (secure or plain): the aggregated adapter (None to keep A_{t-1})
+        and the round's immutable report."""
         grid, strategy, timeout = self.grid, self.strategy, self.cfg.federation.round_timeout_s
         if self.secure is not None:
             new_arrays, _ = secure_train_round(grid, strategy, rnd, self.arrays, self.train_cfg, params=self.secure,
@@ -385,11 +387,11 @@ class Federation:
             replies = send_and_receive(grid, strategy.configure_train(rnd, self.arrays, self.train_cfg, grid),
                                        timeout=timeout)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        return new_arrays
+        return new_arrays, strategy.report
 
-    def _trained_row(self, rnd: int) -> dict:
-        """The training half of round ``rnd``'s row, from the strategy's report (checkpointed with it)."""
-        rep, fed, arrays = self.strategy.report, self.cfg.federation, self.arrays
+    def _trained_row(self, rnd: int, rep: strategies.RoundReport) -> dict:
+        """The training half of round ``rnd``'s row, from the round's report (checkpointed with it)."""
+        fed, arrays = self.cfg.federation, self.arrays
         return {
             "round": rnd, "sampled": rep.sampled, "accepted": rep.accepted, "rejected": len(rep.rejected),
             "rejected_reasons": [r for _, r in rep.rejected], "updated": rep.updated,
@@ -402,7 +404,7 @@ class Federation:
                                       else rep.bytes_down / max(rep.sampled, 1)),
             "delta_norm_mean": sum(rep.delta_norms) / len(rep.delta_norms) if rep.delta_norms else None,
             "failed": rep.sampled - rep.accepted,
-            **({"secure_aggregation": rep.secure} if rep.secure is not None else {}),
+            **({"secure_aggregation": dict(rep.secure)} if rep.secure is not None else {}),
         }
 
     def _report(self, rnd: int, trained: dict, t0: float) -> dict:

@@ -107,7 +107,7 @@ class SecureRound:
         self.grid, self.strategy, self.server_round = grid, strategy, server_round
         self.params, self.timeout = params, timeout
         self.planned = list(strategy.configure_train(server_round, arrays, train_cfg, grid))
-        self.rep = strategy.report
+        self.rep = strategy.tally  # this round's tally: the secure stages write rejections and survivors
         self.nodes = {i + 1: int(m.metadata.dst_node_id) for i, m in enumerate(self.planned)}  # index -> node id
         self.n, self.ttl = len(self.nodes), strategy.message_ttl
         self.content = self.planned[0].content

@@ -17,8 +17,9 @@ optimisers, :meth:`server_update`); it never touches models or data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import cast
 
 import numpy as np
@@ -59,9 +60,26 @@ class ClientUpdate:
     norm: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundReport:
-    """What happened in the last train round (read by the server loop)."""
+    """What happened in one train round, as the server loop reads it: immutable (``RoundTally.freeze``)."""
+
+    sampled: int = 0
+    accepted: int = 0
+    rejected: tuple[tuple[int, str], ...] = ()  # (node id, reason)
+    updated: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_loss: float | None = None
+    delta_norms: tuple[float, ...] = ()
+    client_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # client name -> reply metrics
+    secure: Mapping[str, int | str] | None = None  # secure aggregation: survivors, dropouts, threshold, overhead bytes
+
+
+@dataclass
+class RoundTally:
+    """The round in progress, written only by the strategy running it (and, under secure
+    aggregation, by the ``server/secagg.py`` round that drives the strategy's stages)."""
 
     sampled: int = 0
     accepted: int = 0
@@ -71,8 +89,17 @@ class RoundReport:
     bytes_down: int = 0
     train_loss: float | None = None
     delta_norms: list[float] = field(default_factory=list)
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # client name -> reply metrics
-    secure: dict[str, int | str] | None = None  # secure aggregation: survivors, dropouts, threshold, overhead bytes
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    secure: dict[str, int | str] | None = None
+
+    def freeze(self) -> RoundReport:
+        """A read-only copy: later writes to the tally do not reach it, and it cannot be written."""
+        return RoundReport(
+            sampled=self.sampled, accepted=self.accepted, rejected=tuple(self.rejected), updated=self.updated,
+            bytes_up=self.bytes_up, bytes_down=self.bytes_down, train_loss=self.train_loss,
+            delta_norms=tuple(self.delta_norms),
+            client_metrics=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.client_metrics.items()}),
+            secure=None if self.secure is None else MappingProxyType(dict(self.secure)))
 
 
 Shapes = dict[str, tuple[int, ...]]
@@ -171,7 +198,7 @@ class DeltaStrategy(Strategy):
         self.seed = seed
         self.wait_nodes_s = wait_nodes_s
         self.current: dict[str, np.ndarray] | None = None  # A_t, set by configure_train
-        self.report = RoundReport()
+        self.tally = RoundTally()  # the round in progress; ``report`` is its read-only copy
         self.nodes = NodeDirectory()  # who is connected: stable names, installed versions
         # Lifetime of train/evaluate messages (the server sets it to the round timeout): a client
         # that only gets to a message after it expired skips the work instead of delaying later rounds.
@@ -182,6 +209,11 @@ class DeltaStrategy(Strategy):
         self.cohorts: dict[int, list[str]] = {}  # round -> secret training cohort (user-level DP), checkpoint only
         # Called before a training cohort is drawn; raises BudgetExceeded past the target ε (user-level DP).
         self.release_guard: Callable[[RoundReleased], None] | None = None
+
+    @property
+    def report(self) -> RoundReport:
+        """The last (or current) train round, immutable: what the server loop records."""
+        return self.tally.freeze()
 
     # -- the one method an algorithm overrides ----------------------------------
 
@@ -241,7 +273,7 @@ class DeltaStrategy(Strategy):
         self.current = deltas.from_record(arrays)
         nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
         cfg = ConfigRecord({**dict(config), **self.round_config(server_round), P.CFG_ROUND: server_round})
-        self.report = RoundReport(sampled=len(nodes), bytes_down=deltas.record_bytes(arrays) * len(nodes))
+        self.tally = RoundTally(sampled=len(nodes), bytes_down=deltas.record_bytes(arrays) * len(nodes))
         content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n, ttl=self.message_ttl)
                 for n in nodes]
@@ -256,10 +288,10 @@ class DeltaStrategy(Strategy):
             try:
                 updates.append(self.decode_reply(msg))
             except deltas.InvalidUpdate as err:
-                self.report.rejected.append((node, str(err)))
+                self.tally.rejected.append((node, str(err)))
                 if not self.private_report:
                     log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
-        rep = self.report
+        rep = self.tally
         rep.accepted = len(updates)
         rep.bytes_up = int(sum(u.metrics.get(P.M_BYTES_UP, 0) for u in updates))
         rep.delta_norms = [u.norm for u in updates]
@@ -293,7 +325,7 @@ class DeltaStrategy(Strategy):
         The weighted mean Σ w_i Δ_i / Σ w_i is what ``aggregate`` computes for the rules that
         allow secure aggregation; it is checked (finite, norm bound) like a single reply.
         """
-        rep = self.report
+        rep = self.tally
         rep.accepted = accepted
         metrics = MetricRecord({"accepted": accepted, "rejected": len(rep.rejected)})
         if loss_weight > 0:

@@ -105,7 +105,7 @@ class FedExLoRA(DeltaStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
-        self.report.bytes_down += self._attach(msgs)
+        self.tally.bytes_down += self._attach(msgs)
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -98,7 +98,7 @@ class Scaffold(DeltaStrategy):
         record = deltas.to_record({k: v.astype(np.float32) for k, v in self.c.items()})
         for m in msgs:  # (the messages share one RecordDict)
             m.content[P.SCAFFOLD_C] = record
-        self.report.bytes_down += deltas.record_bytes(record) * len(msgs)
+        self.tally.bytes_down += deltas.record_bytes(record) * len(msgs)
         return msgs
 
     def decode_reply(self, msg: Message) -> ClientUpdate:

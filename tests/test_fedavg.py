@@ -86,6 +86,28 @@ def test_too_few_valid_replies_keep_the_global_adapter(flower_identity):
     assert arrays is None and metrics["accepted"] == 1 and not s.report.updated
 
 
+def test_the_round_report_is_an_immutable_snapshot(flower_identity):
+    import dataclasses
+
+    # Prepare: one round with a good and a malformed reply
+    good, bad = _bad_replies()
+    s = _strategy()
+    s.aggregate_train(1, [_reply(good, 4, node=1), bad["NaN"]])
+
+    # Execute: the server loop's copy of round 1, then another round on the same strategy
+    report = s.report
+    s.aggregate_train(2, [_reply(good, 4, node=1), _reply(good, 2, node=2)])
+
+    # Assert: round 1's report kept what round 1 did and cannot be written by whoever reads it
+    assert report.accepted == 1 and len(report.rejected) == 1 and s.report.accepted == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.accepted = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        report.client_metrics["node-1"] = {}  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        report.rejected.append((3, "forged"))  # type: ignore[attr-defined]
+
+
 def test_registry_refuses_duplicates_and_lists_names():
     with pytest.raises(strategies.StrategyError, match="already registered"):
         strategies.register("fedavg")(type("Other", (strategies.DeltaStrategy,), {}))
