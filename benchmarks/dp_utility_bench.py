@@ -188,26 +188,33 @@ def cmd_report(args) -> int:
              if lv == "none"}
     base_var = max(nones, key=lambda v: nones[v]) if nones else None
     base_acc = nones[base_var] if nones else None
+    # The seed also draws the Dirichlet split: a DP row is compared with the non-DP run of its own seed too.
+    none_by_seed = {r["seed"]: float(r["accuracy"]) for r in groups.get(("none", "", base_var or ""), [])}
     lines = ["# Privacy–utility curve: Reuters R8 (MiniLM-L6 + LoRA, official test split)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Each row is a whole "
              "`fedge simulate` run; accuracy is the final round's central accuracy on the 2,189 test documents; "
              "ε spent comes from the run's privacy ledger (record level: the largest over clients). "
              "Raw rows: `dp_utility.csv`. Produced by `benchmarks/dp_utility_bench.py`. Δ is measured against the "
-             f"best federated non-DP row ({base_var or 'scenario default'}: {base_acc or 0:.4f}).", "",
-             "| level | target ε | variant | seeds | accuracy (mean ± sd) | Δ vs federated non-DP | best round acc | "
-             "plateau round | ε spent | σ | s/run |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             f"best federated non-DP row ({base_var or 'scenario default'}: {base_acc or 0:.4f}); the paired Δ against the "
+             "non-DP run of the same seed (same split), over the seeds that have one.", "",
+             "| level | target ε | variant | seeds | accuracy (mean ± sd) | Δ vs federated non-DP | paired Δ (seeds) | "
+             "best round acc | plateau round | ε spent | σ | s/run |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     order = {"central": 0, "none": 1, "record": 2, "user": 3}
     for (level, eps, var), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], float(kv[0][1] or 0),
                                                                         kv[0][2])):
         m, s = _mean_std([float(r["accuracy"]) for r in rs])
         best = _mean_std([float(r["best_accuracy"]) for r in rs])[0]
         gap = "—" if base_acc is None or level == "none" else f"{100 * (m - base_acc):+.1f} pts"
+        pairs = [float(r["accuracy"]) - none_by_seed[r["seed"]] for r in rs if r["seed"] in none_by_seed]
+        paired = ("—" if level == "none" or not pairs else
+                  f"{100 * sum(pairs) / len(pairs):+.1f} pts ({','.join(r['seed'] for r in rs if r['seed'] in none_by_seed)})")
         spent = ", ".join(sorted({r["epsilon_spent"] for r in rs if r["epsilon_spent"]})) or "—"
         z = ", ".join(sorted({r["noise_multiplier"] for r in rs if r["noise_multiplier"]})) or "—"
         pl = ", ".join(r["plateau_round"] + "/" + r["rounds"] for r in rs)
         secs = _mean_std([float(r["seconds"]) for r in rs])[0]
         lines.append(f"| {level} | {eps or '—'} | {var or 'scenario default'} | {len(rs)} | {m:.4f} ± {s:.4f} | "
-                     f"{gap} | {best:.4f} | {pl} | "
+                     f"{gap} | {paired} | {best:.4f} | {pl} | "
                      f"{spent} | {z} | {secs:.0f} |")
     (RESULTS / "dp_utility.md").write_text("\n".join(lines) + "\n" + args.notes_text())
 
