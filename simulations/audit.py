@@ -391,9 +391,15 @@ def dirac_gradient_model(vocab: int, *, gain: float):
 def audit_record_level_white(
     *, canaries: int, target_epsilon: float | None, delta: float = 1e-5, background: int = 256, steps: int = 100,
     sample_rate: float = 0.25, max_grad_norm: float = 1.0, accountant: str = "rdp", seed: int = 0,
-    max_physical_batch: int = 1024, p: float = A.DEFAULT_P,
+    max_physical_batch: int = 1024, p: float = A.DEFAULT_P, rounds: int = 1,
 ) -> dict:
     """White-box record-level audit of DP-SGD with gradient canaries (module docstring).
+
+    ``rounds`` R > 1: the client trains R federated rounds of ``steps`` steps each, σ calibrated
+    for all of them, and carries its accountant history from round to round through the record
+    it stores between rounds (``dpsgd.history_to_config`` / ``history_from_config``, what
+    ``clients/app.py`` keeps in Context state and on disk); ε is the last round's, over the whole
+    history, and the auditor sums the released gradients of every round.
 
     Real: Poisson batches (``poisson_batches``), σ = z from ``calibrate_noise`` for (ε, δ, q, T),
     Opacus' per-sample gradients, clipping, noise and the 1/(qn) of ``DPOptimizer``, the
@@ -412,6 +418,8 @@ def audit_record_level_white(
     m = int(canaries)
     if m < 2:
         raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    if int(rounds) < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
     rng = np.random.default_rng(seed)
     included = rng.random(m) < 0.5
     axis = rng.permutation(m)  # canary j's coordinate: token 1 + axis[j] (0 is padding)
@@ -436,23 +444,27 @@ def audit_record_level_white(
     handle = register_optimizer_step_pre_hook(observe)
     try:
         if target_epsilon is None:
-            train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=max(1, round(q * n)), lr=1e-3,
-                        seed=seed)
+            for r in range(int(rounds)):
+                train_local(model, data, task=task, pad_id=0, steps=steps, batch_size=max(1, round(q * n)),
+                            lr=1e-3, seed=seed + r)
             eps, z = None, None
         else:
             z = dpsgd.calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q,
-                                      steps_per_round=steps, rounds=1, accountant=accountant)
-            metrics, _ = dpsgd.train_local_dp(model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=1e-3,
-                                              noise_multiplier=z, max_grad_norm=max_grad_norm, delta=delta,
-                                              accountant=accountant, max_physical_batch=max_physical_batch,
-                                              seed=seed)
+                                      steps_per_round=steps, rounds=int(rounds), accountant=accountant)
+            stored: dict = {}  # the client's record between rounds
+            for r in range(int(rounds)):
+                metrics, history = dpsgd.train_local_dp(
+                    model, data, task=task, pad_id=0, steps=steps, sample_rate=q, lr=1e-3, noise_multiplier=z,
+                    max_grad_norm=max_grad_norm, delta=delta, accountant=accountant,
+                    history=dpsgd.history_from_config(stored), max_physical_batch=max_physical_batch, seed=seed + r)
+                stored = dpsgd.history_to_config(history)
             eps = float(metrics["epsilon"])
     finally:
         handle.remove()
     scores = sign * released.numpy()[1 + axis]  # Σ_t ⟨ḡ_t, u_j⟩
     return {"level": "record", "access": "white", "epsilon": eps, "delta": float(delta), "canaries": m,
-            "noise_multiplier": z, "steps": int(steps), "sample_rate": q, "background": int(background),
-            "max_grad_norm": float(max_grad_norm),
+            "noise_multiplier": z, "steps": int(steps), "rounds": int(rounds), "sample_rate": q,
+            "background": int(background), "max_grad_norm": float(max_grad_norm),
             "model": "Dirac gradient canaries: θ ∈ R^V, canary gradient ±100C·e_j (clipped to C)",
             "score": "sum over steps of <released gradient, canary direction>", "seed": seed,
             "seconds": time.perf_counter() - t0, "scores": scores.tolist(), "included": included.tolist(),

@@ -175,6 +175,22 @@ def test_record_white_dp_sgd_stays_below_its_epsilon():
     assert 0.6 < got["auroc"] < 0.95
 
 
+def test_record_white_across_rounds_charges_the_whole_history():
+    # Prepare: the same 20 steps split into 4 federated rounds of 5, σ calibrated for the 4 rounds
+    kw = dict(canaries=500, steps=5, rounds=4, delta=DELTA, seed=0)
+
+    # Execute: the client carries its accountant history between rounds in the record it stores
+    got = SA.audit_record_level_white(target_epsilon=4.0, **kw)
+
+    # Assert: ε is the accountant's over all four rounds (the target), and the released gradients of every
+    # round together stay below it
+    z = got["noise_multiplier"]
+    assert got["epsilon"] == pytest.approx(accounting.record_level_epsilon([(z, 0.25, 5)] * 4, delta=DELTA),
+                                           rel=1e-9)
+    assert got["epsilon"] == pytest.approx(4.0, abs=0.05) and got["rounds"] == 4
+    assert 0.3 < got["epsilon_lb"] <= got["epsilon"] and not SA.violated(got)
+
+
 def test_record_white_noise_off_gives_the_closed_form_scores(monkeypatch):
     # Prepare: noise off, so score_j = K_j C / (qn) exactly (K_j: steps that sampled canary j).
     _noise_off(monkeypatch)
