@@ -153,22 +153,25 @@ def audit_user_level(
     cohort_sizes = []
     # The excluded canaries are absent from a population planned with them: the sampler's
     # "fewer connected than planned" warning is expected here, once per round.
-    quiet, level = logging.getLogger("fedge.strategy"), logging.getLogger("fedge.strategy").level
+    quiet = logging.getLogger("fedge.strategy")
+    level = quiet.level
     if sampled:
         quiet.setLevel(logging.ERROR)
-    for t in range(1, int(rounds) + 1):
-        if sampled:
-            chosen = strat.sample(grid, t, k, purpose=0)  # the real secret Poisson cohort
-            cohort_sizes.append(len(chosen))
-            round_deltas = [deltas_[canary_of[n]] for n in chosen if n in canary_of]
-            agg = strat.aggregate(round_deltas, np.full(len(round_deltas), 1.0 / max(len(round_deltas), 1)))
-        else:
-            agg = strat.aggregate(deltas_, weights)
-        current = strat.server_update(current, agg)
-        event = getattr(strat, "last_event", None)
-        if event is not None:
-            ledger.record(dataclasses.replace(event, round=t))
-    quiet.setLevel(level)
+    try:
+        for t in range(1, int(rounds) + 1):
+            if sampled:
+                chosen = strat.sample(grid, t, k, purpose=0)  # the real secret Poisson cohort
+                cohort_sizes.append(len(chosen))
+                round_deltas = [deltas_[canary_of[n]] for n in chosen if n in canary_of]
+                agg = strat.aggregate(round_deltas, np.full(len(round_deltas), 1.0 / max(len(round_deltas), 1)))
+            else:
+                agg = strat.aggregate(deltas_, weights)
+            current = strat.server_update(current, agg)
+            event = getattr(strat, "last_event", None)
+            if event is not None:
+                ledger.record(dataclasses.replace(event, round=t))
+    finally:
+        quiet.setLevel(level)
     moved = current["canary"] - start["canary"]
     norm = float(np.linalg.norm(moved))
     scores = moved[axis] / norm if norm > 0 else np.zeros(m)
