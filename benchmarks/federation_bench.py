@@ -2,13 +2,16 @@
 
 1. bytes per client per round (up and down, exact serialized payload) vs the full
    model's fp32 bytes, for each wire encoding;
-2. the default scenario end to end (`fedge simulate` as a user runs it): wall time,
-   per-round seconds, peak memory of the whole process tree (driver + Ray);
+2. the default scenario end to end, as a new user's first run after `make install` (an empty
+   fedge cache, then `fedge prepare` as the install step runs it, then `fedge simulate`): wall
+   time split into start-up / rounds / finish, per-round seconds, peak memory of the whole
+   process tree (driver + Ray); with ``--ref REV`` the same first run of an older commit (a git
+   worktree, its own empty cache, no prepare step if it has none) is measured beside it;
 3. framework overhead: a simulated round's wall time vs the same local training
    steps (all clients, same seeds), FedAvg and central evaluation run in a plain
    loop in one process on the same machine.
 
-Usage: python benchmarks/federation_bench.py [--out benchmarks/results/federation.md]
+Usage: python benchmarks/federation_bench.py [--out benchmarks/results/federation.md] [--ref REV]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +35,39 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import run_measured  # noqa: E402
 
 
-def run_default(run_dir: Path) -> dict:
-    """`fedge simulate --run-dir X` in a subprocess, sampling the process tree's RSS."""
-    rc, out, wall, peak = run_measured([str(Path(sys.executable).parent / "fedge"), "simulate", "--run-dir",
-                                        str(run_dir)], cwd=tempfile.gettempdir())
+def first_run(tree: Path, run_dir: Path) -> dict:
+    """A first run from ``tree`` on an empty fedge cache: `fedge prepare` (when the tree has it), then
+    `fedge simulate --run-dir X` in a subprocess, sampling the process tree's RSS; phases from file times."""
+    cache = Path(tempfile.mkdtemp(prefix="fedge-cache-"))
+    env = os.environ | {"FEDGE_CACHE": str(cache), "PYTHONPATH": str(tree)}  # `-m fedge.cli` from ``tree``
+    cli = [sys.executable, "-m", "fedge.cli"]
+    prepare = None
+    if "cmd_prepare" in (tree / "fedge" / "cli.py").read_text():
+        rc, out, prepare, _ = run_measured([*cli, "prepare"], cwd=tree, env=env)
+        if rc != 0:
+            raise SystemExit(f"fedge prepare failed:\n{out}")
+    t_start = time.time()
+    rc, out, wall, peak = run_measured([*cli, "simulate", "--run-dir", str(run_dir)], cwd=tree, env=env)
+    t_end = t_start + wall
     if rc != 0:
         raise SystemExit(f"fedge simulate failed:\n{out}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"wall": wall, "peak_rss": peak, "rows": rows, "summary": summary, "stdout": out}
+    t_config = (run_dir / "config.yaml").stat().st_mtime  # written just before Ray starts
+    t_last = max(p.stat().st_mtime for p in (run_dir / "checkpoints").glob("round-*/state.json"))
+    t_summary = (run_dir / "summary.json").stat().st_mtime
+    phases = {"start-up (imports, config, model conversion if not prepared)": t_config - t_start,
+              "Ray start, round 0 evaluation, rounds (to the last checkpoint)": t_last - t_config,
+              "last evaluation, export, deploy, sample answers, report": t_summary - t_last,
+              "exit (Ray shutdown)": t_end - t_summary}
+    return {"wall": wall, "prepare": prepare, "peak_rss": peak, "rows": rows, "summary": summary,
+            "phases": phases, "stdout": out}
+
+
+def worktree(ref: str, where: Path) -> Path:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref], check=True,
+                   capture_output=True)
+    return where
 
 
 def bytes_table(cfg) -> tuple[list[str], dict]:
@@ -105,6 +133,7 @@ def plain_round(cfg, rnd: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federation.md"))
+    ap.add_argument("--ref", help="also measure the first run of this git revision, side by side")
     args = ap.parse_args()
     from fedge import config as fcfg
 
@@ -122,22 +151,45 @@ def main() -> None:
               f"{', '.join(cfg.lora.target_modules)}: {b['adapter_params']:,} parameters "
               f"({b['base_params'] / b['adapter_params']:.0f}× fewer). Exact serialized payloads:", "", *bl, ""]
 
-    print("2/3 default scenario (fedge simulate) ...", flush=True)
+    print("2/3 default scenario, first run after install (fedge prepare; fedge simulate) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_default(Path(tmp) / "run")
+        res = first_run(ROOT, Path(tmp) / "run")
+        old = None
+        if args.ref:
+            print(f"    ... and the first run of {args.ref}", flush=True)
+            tree = worktree(args.ref, Path(tmp) / "ref")
+            try:
+                old = first_run(tree, Path(tmp) / "run-ref")
+            finally:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     rows, s = res["rows"], res["summary"]
-    lines += ["## `fedge simulate` (default scenario) end to end", "",
-              f"- wall time: **{res['wall']:.0f} s** ({res['wall'] / 60:.1f} min; limit 8 min), "
-              f"including Ray start-up, model load, {cfg.federation.num_rounds} rounds and the sample answers",
-              f"- peak memory (RSS of the driver + Ray processes, summed): **{res['peak_rss'] / 2**30:.2f} GiB**",
-              f"- central held-out loss: {s['initial_central_loss']:.4f} → {s['final_central_loss']:.4f}", "",
-              "| round | clients | train loss | held-out loss | seconds |", "|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['round']} | {r.get('accepted', '—')} | "
-                     f"{'—' if r.get('train_loss') is None else format(r['train_loss'], '.4f')} | "
-                     f"{r['central_loss']:.4f} | {r['seconds']:.1f} |")
-    lines += ["", f"Prompt: {s['sample_prompt']}", "", f"- base: {s['base_answer']}",
-              f"- fine-tuned: {s['finetuned_answer']}", ""]
+    head = "| | this tree |" + (f" {args.ref} |" if old else "")
+    rule = "|---|---:|" + ("---:|" if old else "")
+
+    def cells(f):
+        return f" {f(res)} |" + (f" {f(old)} |" if old else "")
+
+    lines += ["## `fedge simulate` (default scenario): a first run after install", "",
+              "An empty fedge cache (a fresh machine), `fedge prepare` as `make install` runs it, then "
+              "`fedge simulate` as `make simulate` runs it" + (f"; beside it the same first run of `{args.ref}` "
+              "(a git worktree of that commit; it has no prepare step, so its run converts the packaged model)"
+              if old else "") + ".", "", head, rule,
+              "| `fedge prepare` (install step, s) |" + cells(lambda r: "—" if r["prepare"] is None
+                                                             else f"{r['prepare']:.0f}"),
+              "| **`fedge simulate` wall time (s)** |" + cells(lambda r: f"**{r['wall']:.0f}**")]
+    for name in res["phases"]:
+        lines.append(f"| {name} (s) |" + cells(lambda r, n=name: f"{r['phases'][n]:.0f}"))
+    for r0 in rows:
+        lines.append(f"| round {r0['round']} (s) |" + cells(lambda r, k=r0["round"]: f"{r['rows'][k]['seconds']:.1f}"))
+    lines += ["| peak memory, driver + Ray (GiB) |" + cells(lambda r: f"{r['peak_rss'] / 2**30:.2f}"),
+              "| held-out loss, base → final |" + cells(lambda r: f"{r['summary']['initial_central_loss']:.4f} → "
+                                                        f"{r['summary']['final_central_loss']:.4f}"), ""]
+    if old:
+        lines += [f"Ratio of wall times, this tree / {args.ref}: **{res['wall'] / old['wall']:.2f}**.", ""]
+    for smp in s.get("samples") or []:
+        lines += [f"Prompt ({smp.get('source', '')}): {smp['prompt']}", "",
+                  f"- reference: {smp.get('reference')}",
+                  f"- base: {smp['base']}", f"- fine-tuned: {smp['finetuned']}", ""]
 
     print("3/3 plain loop ...", flush=True)
     plain = plain_round(cfg, 1)

@@ -3,6 +3,7 @@
 Experiment (one machine):
     fedge simulate [SCENARIO] [--set a.b=value ...]   run a federation on this machine
     fedge config   [SCENARIO] [--set ...]             validate and print the resolved config
+    fedge prepare  [SCENARIO] [--set ...]             convert and hash the base model once (make install)
     fedge strategies                                  list aggregation strategies
     fedge report RUN_DIR ...                          compare runs in one offline HTML page
     fedge bench ...                                   benchmarks of whole federations (fedge bench --help)
@@ -384,6 +385,21 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    """Convert and hash the scenario's packaged base model once, so that the first run does not pay for it."""
+    from fedge import models
+    from fedge.data import num_labels
+
+    cfg = fcfg.load(args.scenario, args.set)
+    t0 = time.perf_counter()
+    base = models.load_base(cfg.model.source, task=cfg.model.task, num_labels=num_labels(cfg),
+                            pooling=cfg.model.pooling, device="cpu", dtype="float32", seed=cfg.seed,
+                            cache_dir=Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
+    print(f"model {cfg.model.source} ({cfg.model.task}) ready in {time.perf_counter() - t0:.0f} s; "
+          f"base hash {base.hash[:16]}")
+    return 0
+
+
 def cmd_strategies(args) -> int:
     from strategies import describe
 
@@ -421,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output directory (default: runs/report-<UTC time>/)")
     sp.add_argument("--title")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("prepare", help="convert and hash a scenario's base model once (make install runs it; "
+                        "otherwise the first run does, ~25 s)")
+    scenario_args(sp)
+    sp.set_defaults(fn=cmd_prepare)
 
     sp = sub.add_parser("config", help="validate a scenario and print the resolved config")
     scenario_args(sp)

@@ -316,7 +316,7 @@ def load_base(
         p.requires_grad_(False)
     key = task if pooling == "cls" else f"{task}+mean-pooling"  # another parameter set, another hash
     key += "" if bnb is None else f"+{quantize}"
-    digest = cached_base_hash(model, where, key)
+    digest = cached_base_hash(model, where, key, Path(cache_dir) if cache_dir else None)
     if bnb is None and (dev.type != "cpu" or dt != torch.float32):  # a k-bit base is placed by from_pretrained
         model.to(dev)
         for p in model.parameters():  # parameters only: buffers such as RoPE's inv_freq keep fp32
