@@ -89,8 +89,8 @@ def secure_train_round(grid: Grid, strategy: DeltaStrategy, server_round: int, a
             return rnd.too_few(stage, alive)
     rnd.unmask()
     total = rnd.reconstruct()
-    if total is None:
-        return None, rnd.nothing_accepted()
+    if isinstance(total, dict):  # why it could not unmask
+        return rnd.stopped(total)
     return rnd.aggregate(total)
 
 
@@ -107,7 +107,7 @@ class SecureRound:
         self.grid, self.strategy, self.server_round = grid, strategy, server_round
         self.params, self.timeout = params, timeout
         self.planned = list(strategy.configure_train(server_round, arrays, train_cfg, grid))
-        self.rep = strategy.tally  # this round's tally: the secure stages write rejections and survivors
+        self.rejected: list[tuple[int, str]] = []  # (node id, reason): handed to the strategy once, at the end
         self.nodes = {i + 1: int(m.metadata.dst_node_id) for i, m in enumerate(self.planned)}  # index -> node id
         self.n, self.ttl = len(self.nodes), strategy.message_ttl
         self.content = self.planned[0].content
@@ -142,19 +142,20 @@ class SecureRound:
                       content=content)
 
     def _drop(self, i: int, why: str) -> None:
-        self.rep.rejected.append((self.nodes[i], f"secagg: {why}"))
+        self.rejected.append((self.nodes[i], f"secagg: {why}"))
         log.warning("round %d: secure aggregation dropped client %d (node %d): %s", self.server_round, i,
                     self.nodes[i], why)
 
-    def nothing_accepted(self) -> MetricRecord:
-        return MetricRecord({"accepted": 0, "rejected": len(self.rep.rejected)})
+    def stopped(self, secure: dict[str, int | str]) -> tuple[None, MetricRecord]:
+        """End the round without an aggregate: the strategy records why (global adapter kept)."""
+        self.strategy.record_secure(rejected=self.rejected, secure=secure)
+        return None, MetricRecord({"accepted": 0, "rejected": len(self.strategy.report.rejected)})
 
     def too_few(self, stage: str, alive: int) -> tuple[None, MetricRecord]:
         """Stop the round at ``stage``: ``alive`` < floor clients left, global adapter kept."""
         log.warning("round %d: secure aggregation stopped at %s: %d clients left, %d needed: global adapter kept",
                     self.server_round, stage, alive, self.floor)
-        self.rep.secure = {"stage_failed": stage, "survivors": alive, "threshold": self.t}
-        return None, self.nothing_accepted()
+        return self.stopped({"stage_failed": stage, "survivors": alive, "threshold": self.t})
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -289,11 +290,11 @@ class SecureRound:
                     target[int(j)].append(bytes(share))
                     self.overhead += len(share)
 
-    def reconstruct(self) -> np.ndarray | None:
+    def reconstruct(self) -> np.ndarray | dict[str, int | str]:
         """Σ_{i∈U4} y_i − PRG(b_i) − the pair masks survivors added for U3 \\ U4 (mod 2^64).
 
         Rebuilds each b_i and each dropped client's s_sk from t shares; with fewer, logs why,
-        records ``stage_failed: unmask`` and returns None (global adapter kept).
+        returns the ``stage_failed: unmask`` record instead (global adapter kept).
         """
         total = np.zeros(self.size, np.uint64)
         for i in self.u4:
@@ -309,9 +310,7 @@ class SecureRound:
                                                         survivors=joined, round_id=self.rid, size=self.size)
         except S.SecAggError as err:
             log.warning("round %d: secure aggregation cannot unmask (%s): global adapter kept", self.server_round, err)
-            self.rep.secure = {"stage_failed": "unmask", "survivors": len(self.u4), "threshold": self.t,
-                               "error": str(err)}
-            return None
+            return {"stage_failed": "unmask", "survivors": len(self.u4), "threshold": self.t, "error": str(err)}
         return total
 
     def aggregate(self, total: np.ndarray) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -323,13 +322,14 @@ class SecureRound:
             sums[k] = flat[at:at + m].reshape(self.shapes[k])
             at += m
         scal = dict(zip(P.SA_SCALARS, flat[at:].tolist()))
-        rep, u4 = self.rep, self.u4
-        rep.secure = {"survivors": len(u4), "dropped_after_sharing": len(self.dropped), "threshold": self.t,
-                      "neighbours": max(len(v) for v in self.graph.values()), "signed_survivor_set": len(self.u5),
-                      "unmask_replies": self.answered,
-                      "overhead_bytes": self.overhead}
-        rep.client_metrics = {self.strategy.client_name(self.nodes[i]): self.metrics[i] for i in u4}
-        rep.bytes_up = int(sum(m.get(P.M_BYTES_UP, 0) for m in self.metrics.values()))
+        u4 = self.u4
+        self.strategy.record_secure(
+            rejected=self.rejected,
+            secure={"survivors": len(u4), "dropped_after_sharing": len(self.dropped), "threshold": self.t,
+                    "neighbours": max(len(v) for v in self.graph.values()), "signed_survivor_set": len(self.u5),
+                    "unmask_replies": self.answered, "overhead_bytes": self.overhead},
+            client_metrics={self.strategy.client_name(self.nodes[i]): self.metrics[i] for i in u4},
+            bytes_up=int(sum(m.get(P.M_BYTES_UP, 0) for m in self.metrics.values())))
         return self.strategy.aggregate_secure(self.server_round, sums, weight_sum=scal["weight"],
                                               loss_sum=scal["weighted-loss"], loss_weight=scal["loss-weight"],
                                               unclipped_sum=scal["unclipped"], accepted=len(u4))

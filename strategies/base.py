@@ -17,7 +17,7 @@ optimisers, :meth:`server_update`); it never touches models or data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import cast
@@ -78,8 +78,8 @@ class RoundReport:
 
 @dataclass
 class RoundTally:
-    """The round in progress, written only by the strategy running it (and, under secure
-    aggregation, by the ``server/secagg.py`` round that drives the strategy's stages)."""
+    """The round in progress, written only by the strategy running it (under secure aggregation the
+    ``server/secagg.py`` round hands it what its stages learnt through ``record_secure``)."""
 
     sampled: int = 0
     accepted: int = 0
@@ -316,6 +316,19 @@ class DeltaStrategy(Strategy):
         self.current = self.server_update(self.current, agg)
         rep.updated = True
         return deltas.to_record(self.current), metrics
+
+    def record_secure(self, *, rejected: Sequence[tuple[int, str]], secure: Mapping[str, int | str],
+                      client_metrics: Mapping[str, Mapping[str, float]] | None = None,
+                      bytes_up: int | None = None) -> None:
+        """What the secure stages of this round learnt (``server/secagg.py``), before ``aggregate_secure``:
+        the clients they dropped, with reasons; the protocol's counters; when it unmasked, the
+        survivors' public metrics and their bytes up. The strategy stays the only writer of its tally."""
+        self.tally.rejected.extend(rejected)
+        self.tally.secure = dict(secure)
+        if client_metrics is not None:
+            self.tally.client_metrics = {k: dict(v) for k, v in client_metrics.items()}
+        if bytes_up is not None:
+            self.tally.bytes_up = int(bytes_up)
 
     def aggregate_secure(self, server_round: int, weighted_sum: dict[str, np.ndarray], *, weight_sum: float,
                          loss_sum: float, loss_weight: float, unclipped_sum: float, accepted: int,
