@@ -37,6 +37,12 @@ def end_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no end-of-turn, EOS or SEP token")
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end a generated answer: the end-of-turn token training appends (:func:`end_token_id`)
+    and EOS, when the tokenizer has one."""
+    return sorted({end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
 def encode_chat(tokenizer, prompt: str, response: str, max_length: int, end: int | None = None,
                 ) -> dict[str, list[int]]:
     """One example: prompt ids + response ids + end token; labels only on the response."""

@@ -133,21 +133,9 @@ class LocalModel:
         return list(ids)
 
     def _torch_chat(self, messages, max_new_tokens: int) -> ChatResult:
-        import torch
+        from fedge.runtime.stream import torch_generate
 
-        tok = self.tokenizer
-        ids = torch.tensor([self._chat_ids(messages)])
-        end_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
-                               if "<|im_end|>" in tok.get_vocab() else None) if i is not None}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(end_ids), 0)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=sorted(end_ids) or None, pad_token_id=pad)
-        new = out[0, ids.shape[1]:].tolist()
-        stopped = bool(new) and new[-1] in end_ids
-        return ChatResult(tok.decode(new, skip_special_tokens=True).strip(), ids.shape[1], len(new),
-                          "stop" if stopped or len(new) < max_new_tokens else "length")
+        return torch_generate(self, self._chat_ids(messages), max_new_tokens, None, strip=True)
 
     # -- classification -----------------------------------------------------------------------
 

@@ -77,19 +77,16 @@ class _TorchStreamer:
             self.on_text(new)
 
 
-def _end_ids(tok) -> list[int]:
-    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None}
-    return sorted(i for i in ids if i is not None)
-
-
-def _torch_generate(model: LocalModel, ids: list[int], max_new_tokens: int, on_text: OnText | None,
+def torch_generate(model: LocalModel, ids: list[int], max_new_tokens: int, on_text: OnText | None,
                     *, strip: bool) -> ChatResult:
     """Greedy decoding with the arguments ``LocalModel.chat`` uses; ``on_text`` gets the text as it grows."""
     import torch
 
+    from fedge.data.tokenize import stop_token_ids
+
     tok = model.tokenizer
     prompt = torch.tensor([ids])
-    end_ids = _end_ids(tok)
+    end_ids = stop_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (end_ids[0] if end_ids else 0)
     streamer = _TorchStreamer(tok, on_text) if on_text is not None else None
     with torch.no_grad():
@@ -134,7 +131,7 @@ def chat(model: LocalModel, messages: list[dict[str, str]], *, max_new_tokens: i
                                                     stream=True)
         text, pieces, finish = _llama_stream(chunks, out, "delta")
         return ChatResult(text.strip(), model.prompt_tokens(messages), pieces, finish)
-    return _torch_generate(model, model._chat_ids(messages), max_new_tokens, out, strip=True)
+    return torch_generate(model, model._chat_ids(messages), max_new_tokens, out, strip=True)
 
 
 def prompt_tokens(model: LocalModel, prompt: str) -> int:
@@ -160,4 +157,4 @@ def complete(model: LocalModel, prompt: str, *, max_new_tokens: int = 16, on_tex
         text, pieces, finish = _llama_stream(chunks, on_text, "text")
         return ChatResult(text, prompt_tokens(model, prompt), pieces, finish)
     ids = model.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return _torch_generate(model, list(ids), max_new_tokens, on_text, strip=False)
+    return torch_generate(model, list(ids), max_new_tokens, on_text, strip=False)
