@@ -275,6 +275,100 @@ def audit_record_level(
             **A.summarize(scores, included, delta=delta, p=p)}
 
 
+# -- user level, black box ---------------------------------------------------
+
+
+def audit_user_level_black(
+    *, canaries: int, rounds: int = 50, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+    clip_norm: float, delta: float, background_clients: int = 8, local_steps: int = 8, lr: float = 5e-2,
+    seed: int = 0, inner: str = "fedavg", mechanism=None, accountant: str = "rdp", p: float = A.DEFAULT_P,
+) -> dict:
+    """Black-box user-level audit: canary clients holding canary records, through real local training.
+
+    m canary clients, client j holding one canary record (random tokens, the label no background
+    record has), each taking part in every round with probability ½ (S_j ~ Bernoulli(½), drawn once:
+    present or absent, the add/remove adjacency of Poisson sampling), beside ``background_clients``
+    clients holding 4 background records each. Every round each present client trains the global
+    tiny BERT classifier's LoRA adapter and head with ``fedge.train.train_local`` (``local_steps``
+    full-batch steps) and sends its delta; the deltas go through the real ``UserLevelDP`` (clip to S,
+    sum, 1/m, N(0, (zS/m)²), inner strategy's ``server_update``), or without DP (``noise_multiplier``
+    None) through the inner strategy's own weighted mean. score_j = logit margin of the canary label on
+    canary j's record under the final global model: what anyone holding the released model can compute.
+    The ledger charges the rounds actually released (q = 1: every present client every round);
+    ``target_epsilon`` instead of ``noise_multiplier``: z calibrated for it over this run's n clients.
+    The defaults (50 rounds, 8 background clients, 8 steps at lr 5e-2) are the smallest setting found in
+    which the audit detects memorisation without DP (benchmarks/results/audit.md).
+    """
+    import torch
+
+    import strategies
+    from fedge import models
+    from fedge.data.tokenize import collate
+    from fedge.train import train_local
+
+    m = int(canaries)
+    if m < 2:
+        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    if int(rounds) < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    rng = np.random.default_rng(seed)
+    canary = _records(m, rng, label=_LABELS - 1)
+    included = rng.random(m) < 0.5
+    clients = [[c] for c, b in zip(canary, included) if b] + \
+        [_records(4, rng, label=None) for _ in range(int(background_clients))]
+    n = len(clients)
+    if target_epsilon is not None:
+        if noise_multiplier is not None:
+            raise ValueError("give noise_multiplier or target_epsilon, not both")
+        from fedge.privacy.accounting import user_level_noise_for_epsilon
+
+        noise_multiplier = user_level_noise_for_epsilon(target_epsilon=target_epsilon, clients_per_round=n,
+                                                        num_clients=n, rounds=int(rounds), delta=delta,
+                                                        sampling="poisson", accountant=accountant)
+    base = strategies.build(inner, clients_per_round=n, min_replies=1, seed=seed)
+    if noise_multiplier is None:
+        strat = base
+    else:
+        if mechanism is None:
+            from strategies.dp_user_level import UserLevelDP as mechanism
+        kw = dict(noise_multiplier=noise_multiplier, clip_norm=clip_norm, seed=seed)
+        if "sampling" in inspect.signature(mechanism).parameters:
+            kw["sampling"] = "poisson"
+        strat = mechanism(base, **kw)
+    model = tiny_classifier(seed=seed)
+    task = "sequence-classification"
+    current, ledger = models.get_adapter_state(model), PrivacyLedger()
+    strat.current = dict(current)
+    t0 = time.perf_counter()
+    for t in range(1, int(rounds) + 1):
+        ups, weights = [], []
+        for i, data in enumerate(clients):
+            models.set_adapter_state(model, current)
+            train_local(model, data, task=task, pad_id=0, steps=local_steps, batch_size=len(data), lr=lr,
+                        seed=seed * 1_000_003 + t * 10_007 + i)
+            after = models.get_adapter_state(model)
+            ups.append({k: after[k] - current[k] for k in current})
+            weights.append(float(len(data)))
+        w = np.asarray(weights) / sum(weights)
+        current = strat.server_update(current, strat.aggregate(ups, w))
+        event = getattr(strat, "last_event", None)
+        if event is not None:
+            ledger.record(dataclasses.replace(event, round=t))
+    models.set_adapter_state(model, current)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in collate(canary, task=task, pad_id=0).items() if k != "labels"}).logits
+    scores = (logits[:, _LABELS - 1] - logits[:, :_LABELS - 1].max(dim=1).values).double().numpy()
+    eps = ledger.user_level_epsilon(delta=delta, accountant=accountant) if ledger.releases() else None
+    return {"level": "user", "access": "black", "epsilon": eps, "delta": float(delta), "canaries": m,
+            "rounds": int(rounds), "noise_multiplier": noise_multiplier, "clip_norm": float(clip_norm),
+            "background_clients": int(background_clients), "local_steps": int(local_steps), "lr": float(lr),
+            "adjacency": "add/remove", "mechanism": f"{type(strat).__module__}:{type(strat).__name__}",
+            "model": "tiny BERT (2 layers, hidden 32, random weights), LoRA r=8 on query/value",
+            "score": "logit margin of the canary label on the canary client's record", "seed": seed,
+            "seconds": time.perf_counter() - t0, "scores": scores.tolist(), "included": included.tolist(),
+            **A.summarize(scores, included, delta=delta, p=p)}
+
+
 # -- record level, black box, causal LM ---------------------------------------
 
 _BOS, _DIGIT0, _TEMPLATE = 1, 2, (12, 13, 14)  # token ids: BOS, digits 0..9 at 2..11, "my pin is"
@@ -555,9 +649,18 @@ def audit_scenario(cfg, *, level: str, access: str, canaries: int, seed: int = 0
 
     ``client_sampling`` (user level, Poisson): the canaries among max(N, 2m) clients, the cohort
     drawn by the real sampler at the scenario's q = k/N, so the ledger charges the scenario's ε."""
-    if (level, access) not in (("user", "white"), ("record", "black"), ("record", "white")):
-        raise ValueError(f"--level {level} --access {access}: implemented are user/white, record/white and "
-                         "record/black")
+    if level == "user" and access == "black":
+        if client_sampling:
+            raise ValueError("--client-sampling is audited white-box (--access white)")
+        from server.federation import build_strategy
+
+        ul = cfg.privacy.user_level
+        strat = build_strategy(cfg, base_hash="")
+        out = audit_user_level_black(canaries=canaries, rounds=cfg.federation.num_rounds,
+                                     noise_multiplier=getattr(strat, "noise_multiplier", None) if ul.enabled else None,
+                                     clip_norm=ul.clip_norm, delta=ul.delta, seed=seed, inner=cfg.strategy.name,
+                                     mechanism=load_mechanism(mechanism) if mechanism else None, p=p)
+        return out
     if level == "user":
         from server.federation import build_strategy
 

@@ -133,6 +133,18 @@ def test_cli_client_sampling_audits_the_scenarios_own_epsilon(tmp_path):
     assert rc == 0 and not doc["violated"] and doc["epsilon_lb"] <= doc["epsilon"]
 
 
+def test_cli_black_box_user_level_audits_the_scenarios_mechanism(tmp_path):
+    # Execute: the scenario's z = 8 and clip, 2 rounds, canary clients trained for real
+    run = tmp_path / "run"
+    rc = cli.main(["audit", "classify", "--set", "privacy.user_level.enabled=true",
+                   "--set", "privacy.user_level.noise_multiplier=8", "--set", "federation.num_rounds=2",
+                   "--access", "black", "--canaries", "8", "--run-dir", str(run)])
+    # Assert: the black-box section is written, with the scenario's z and clip, and no violation
+    doc = json.loads((run / "audit.json").read_text())["user-black"]
+    assert rc == 0 and doc["noise_multiplier"] == 8 and doc["rounds"] == 2 and len(doc["scores"]) == 8
+    assert doc["epsilon_lb"] <= doc["epsilon"] and "## Privacy audit: user level, black box" in (run / "report.md").read_text()
+
+
 def test_bad_arguments_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="canaries"):
         SA.audit_user_level(canaries=1, rounds=1, noise_multiplier=1.0, clip_norm=0.1, delta=DELTA)
@@ -262,3 +274,27 @@ def test_causal_lm_secrets_are_memorised_without_dp_and_not_with_it():
     assert none["auroc"] > 0.95 and none["exposure_references"]["mean"] > 8.0 and none["epsilon_lb"] > 3.0
     assert dp["epsilon"] == pytest.approx(8.0, abs=0.05) and dp["epsilon_lb"] <= dp["epsilon"]
     assert dp["exposure_references"]["mean"] < 3.0
+
+
+def test_user_level_black_box_charges_the_run_and_stays_below_its_epsilon():
+    # Prepare: a small black-box audit, z calibrated for ε = 4 over this run's clients (q = 1)
+    # Execute: canary clients train the tiny classifier for real; their deltas go through UserLevelDP
+    got = SA.audit_user_level_black(canaries=16, rounds=3, target_epsilon=4.0, clip_norm=0.5, delta=DELTA,
+                                    background_clients=2, local_steps=2, seed=1)
+    # Assert: the ledger charges exactly the Gaussian mechanism that ran (oracle: the accountant for the
+    # realised n present clients, z, T); every canary is scored; ε_lb never above ε
+    n = int(np.sum(got["included"])) + 2
+    expected = accounting.user_level_epsilon(noise_multiplier=got["noise_multiplier"], clients_per_round=n,
+                                             num_clients=n, rounds=3, delta=DELTA, sampling="poisson")
+    assert got["epsilon"] == pytest.approx(expected, rel=1e-6) and got["epsilon"] == pytest.approx(4.0, rel=1e-2)
+    assert got["access"] == "black" and len(got["scores"]) == 16 and np.all(np.isfinite(got["scores"]))
+    assert got["epsilon_lb"] <= got["epsilon"] and not SA.violated(got)
+
+
+def test_user_level_black_box_without_dp_moves_the_included_canaries_up():
+    # Prepare / Execute: no DP, a few rounds: included canaries' clients train on their record
+    got = SA.audit_user_level_black(canaries=32, rounds=6, clip_norm=0.5, delta=DELTA, background_clients=4,
+                                    local_steps=8, lr=0.1, seed=0)
+    # Assert: no ε is claimed; the released model scores the included canaries above the excluded ones
+    scores, inc = np.asarray(got["scores"]), np.asarray(got["included"])
+    assert got["epsilon"] is None and scores[inc].mean() > scores[~inc].mean() and got["auroc"] > 0.6
