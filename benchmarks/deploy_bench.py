@@ -5,7 +5,7 @@ orchestration overhead, not training), 3 clients, 3 rounds, local evaluation on 
 clients per round (two message exchanges per round). Round 1 also carries the one-off
 identity query. Deployment: insecure loopback SuperLink, 3 SuperNodes each with its own
 node config, the app submitted with ``flwr run`` — the processes of ``fedge server`` /
-``fedge client`` (fedge.deploy). Simulation: ``fedge simulate`` in-process (Ray).
+``fedge client`` (fedge.launch). Simulation: ``fedge simulate`` in-process (Ray).
 
 Also: seconds a fresh Python process needs to import the ClientApp module and to load the
 default base model (SmolLM2-135M) with its hash — what every ClientApp process pays.
@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedge import config as fcfg
-    from fedge import deploy as D
+    from fedge import launch as D
     from simulations.runner import simulate
     from tests.conftest import make_tiny_llama, tiny_scenario_overrides
 

@@ -32,13 +32,13 @@ from strategies.client_hooks import client_lora, client_round
 
 
 def get_runtime(cfg):
-    from clients.runtime import get_runtime as _get
+    from clients.cache import get_runtime as _get
 
     return _get(cfg)
 
 
 def scenario(name_or_path, overrides=()):
-    from clients.runtime import scenario as _scenario
+    from clients.cache import scenario as _scenario
 
     return _scenario(name_or_path, tuple(overrides))
 

@@ -176,7 +176,7 @@ def cmd_keys(args) -> int:
     from fedge.export import generate_keypair
 
     if args.action == "node":
-        from fedge.deploy import make_node_keys
+        from fedge.launch import make_node_keys
 
         k = make_node_keys(args.dir, args.name)
         print(f"device private key: {k.private_key} (copy to the device; --auth-key)")
@@ -280,7 +280,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from fedge.deploy import make_certs
+    from fedge.launch import make_certs
 
     c = make_certs(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")), days=args.days)
     print(f"CA certificate:     {c.ca_cert} (every device: --root-certificates)")
@@ -293,7 +293,7 @@ def cmd_server(args) -> int:
 
     A non-loopback --host needs --certs and always runs with SuperNode authentication.
     """
-    from fedge import deploy as D
+    from fedge import launch as D
     from fedge.appsign import sign_fab, snapshot_app
 
     cfg = fcfg.load(args.scenario, args.set)  # validate here, before any process starts
@@ -358,7 +358,7 @@ def cmd_server(args) -> int:
 
 def cmd_client(args) -> int:
     """A SuperNode for this device, training on its own file; runs until stopped."""
-    from fedge import deploy as D
+    from fedge import launch as D
 
     host = args.server.rpartition(":")[0].strip("[]") or args.server
     if not D.is_loopback(host) and not args.trusted_key:
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedge: {err}", file=sys.stderr)
             return 2
         from fedge.data import DataError
-        from fedge.deploy import DeployError
+        from fedge.launch import DeployError
         from fedge.models import ModelLoadError
         from server.checkpoint import CheckpointError
         from strategies import StrategyError

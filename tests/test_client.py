@@ -6,7 +6,7 @@ import yaml
 from flwr.app import Context, Message, MessageType, RecordDict
 
 import clients.app
-import clients.runtime
+import clients.cache
 from fedge import config as fcfg
 from fedge import deltas, models
 from fedge import protocol as P
@@ -55,8 +55,8 @@ def test_reply_holds_only_the_adapter_delta(tmp_path, tiny_llama_dir, flower_ide
     assert dict(reply.content[P.META]) == {P.META_BASE_HASH: ev.base.hash, P.META_ENCODING: "fp32"}
     assert all(isinstance(v, (int, float)) for v in reply.content[P.METRICS].values())
     # No training text anywhere in the serialized payload
-    rt = clients.runtime.get_runtime(fcfg.load(path))
-    train_ds = clients.runtime.federated_split(**rt.data_args).clients[0][0]
+    rt = clients.cache.get_runtime(fcfg.load(path))
+    train_ds = clients.cache.federated_split(**rt.data_args).clients[0][0]
     blob = b"".join(a.data for a in wire.values())
     assert not any(p.encode() in blob for p in train_ds["prompt"][:20] if len(p) > 8)
     # And the delta is exact protocol: A_t + Δ == the client's local adapter (fp32 wire rounding only)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedge import appsign
-from fedge import deploy as D
+from fedge import launch as D
 from fedge.export import generate_keypair
 
 # -- app bundle signatures (no processes) ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Real deployments on loopback: SuperLink + SuperNodes as separate processes (fedge.deploy).
+"""Real deployments on loopback: SuperLink + SuperNodes as separate processes (fedge.launch).
 
 Every test starts its own SuperLink on a free port, gives each process its own
 FLWR_HOME and a neutral working directory, and stops every process group it started.
@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedge import deploy as D
+from fedge import launch as D
 from tests.conftest import flower_processes, tiny_scenario_overrides
 
 pytestmark = pytest.mark.slow

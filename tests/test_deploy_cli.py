@@ -10,7 +10,7 @@ import time
 import pytest
 
 from fedge import config as fcfg
-from fedge.deploy import free_port
+from fedge.launch import free_port
 from tests.conftest import flower_processes, tiny_scenario_overrides
 
 pytestmark = pytest.mark.slow

@@ -61,7 +61,7 @@ def test_simulate_shows_progress_plots_tracking_and_samples(tmp_path, tiny_llama
     try:
         from fedge.data import data_args
     except ImportError:  # older layout
-        from clients.runtime import data_args
+        from clients.cache import data_args
 
     cfg = fcfg.load(run / "config.yaml")
     holdout = federated_split(**data_args(cfg)).global_holdout

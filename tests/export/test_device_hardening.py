@@ -257,7 +257,7 @@ def test_is_pickle_finds_every_protocol_and_no_artifact_file(protocol, built, tm
 
 
 def test_make_certs_never_overwrites_an_existing_ca(tmp_path):
-    from fedge.deploy import DeployError, make_certs
+    from fedge.launch import DeployError, make_certs
 
     certs = make_certs(tmp_path / "certs")
     before = {n: (tmp_path / "certs" / n).read_bytes() for n in ("ca.crt", "ca.key", "server.pem", "server.key")}
@@ -274,7 +274,7 @@ def test_reissue_keeps_the_ca_and_chains_to_it(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedge.deploy import make_certs
+    from fedge.launch import make_certs
 
     d = tmp_path / "certs"
     first = make_certs(d, hosts=("10.0.0.1",))
@@ -296,7 +296,7 @@ def test_reissue_keeps_the_ca_and_chains_to_it(tmp_path):
 
 
 def test_planted_link_at_a_key_path_does_not_receive_the_key(tmp_path):
-    from fedge.deploy import DeployError, make_certs, make_node_keys
+    from fedge.launch import DeployError, make_certs, make_node_keys
 
     # Prepare: another local user planted links where the keys will be written
     leak = tmp_path / "attacker-readable"
@@ -316,7 +316,7 @@ def test_planted_link_at_a_key_path_does_not_receive_the_key(tmp_path):
 
 
 def test_key_files_are_created_owner_only_whatever_the_umask(tmp_path):
-    from fedge.deploy import make_certs, make_node_keys
+    from fedge.launch import make_certs, make_node_keys
 
     old = os.umask(0)  # the most permissive umask: mode must come from the create call itself
     try:

@@ -442,7 +442,7 @@ def start_client(*, server: str, data: str | Path, device_id: str, home: str | P
     The node config carries ``data-path`` (this device's JSONL/CSV/Parquet with
     prompt/response columns) and ``device-id`` (its stable name); ``partition-id=0
     num-partitions=1`` keep older ClientApps working. The ClientApp must read
-    ``data-path`` (see docs/deploy.md for the change in clients/runtime.py).
+    ``data-path`` (see docs/deploy.md for the change in clients/cache.py).
     """
     data = Path(data).expanduser().resolve()
     if not data.exists():
