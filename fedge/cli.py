@@ -142,10 +142,16 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_privacy(argv: list[str]) -> int:
-    from fedge.privacy.accounting import main as privacy_main
+def cmd_privacy(args) -> int:
+    from fedge.privacy import accounting
 
-    return privacy_main(argv)
+    return accounting.run(args)
+
+
+def cmd_bench(args) -> int:
+    from simulations import bench
+
+    return bench.run(args, args.argv[1:])
 
 
 def cmd_audit(args) -> int:
@@ -447,10 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     scenario_args(sp)
     sp.set_defaults(fn=cmd_config)
 
-    sub.add_parser("bench", help="benchmarks that run whole federations, e.g. fedge bench strategies "
-                   "--config classify --strategies fedavg,fedprox --seeds 3 (fedge bench --help)")
-    sub.add_parser("privacy", help="plan privacy without training: ε for a plan, or the noise for a target ε "
-                   "(fedge privacy --help)")
+    from fedge.privacy import accounting
+    from simulations import bench
+
+    sp = sub.add_parser("bench", help="benchmarks that run whole federations, e.g. fedge bench strategies "
+                        "--config classify --strategies fedavg,fedprox --seeds 3 (fedge bench --help)",
+                        description="Benchmarks that run whole federations.")
+    bench.add_commands(sp.add_subparsers(dest="bench", required=True))
+    sp.set_defaults(fn=cmd_bench)
+    sp = sub.add_parser("privacy", help="plan privacy without training: ε for a plan, or the noise for a target ε "
+                        "(fedge privacy --help)", description="Plan a differential-privacy budget.")
+    accounting.add_commands(sp.add_subparsers(dest="privacy_command", required=True))
+    sp.set_defaults(fn=cmd_privacy)
 
     sp = sub.add_parser("keys", help="signing keys for artifacts")
     sp.add_argument("action", choices=["generate", "node"],
@@ -591,13 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
-    if argv and argv[0] == "privacy":  # its own parser (fedge/privacy/accounting.py)
-        return cmd_privacy(argv[1:])
-    if argv and argv[0] == "bench":  # its own parser (simulations/bench.py)
-        from simulations.bench import main as bench_main
-
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # fedge bench records the command that reproduces its results
     # SIGTERM (systemd, `kill`, a test stopping us) unwinds like Ctrl-C, so the `finally` blocks that stop
     # the SuperNode / SuperLink / proxy we started (each in its own session) run instead of orphaning them.
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \

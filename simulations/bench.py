@@ -360,7 +360,12 @@ def parse_params(items: list[str], names: list[str]) -> dict[str, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge bench", description="Benchmarks that run whole federations.")
-    sub = p.add_subparsers(dest="bench", required=True)
+    add_commands(p.add_subparsers(dest="bench", required=True))
+    return p
+
+
+def add_commands(sub) -> None:
+    """The benchmarks under ``sub`` (the subparsers of ``fedge bench``); each sets ``bench_fn``."""
     sp = sub.add_parser("strategies", help="compare aggregation strategies on one scenario over several seeds")
     sp.add_argument("--config", default="classify",
                     help="packaged scenario name or path to a YAML file (default: %(default)s)")
@@ -379,8 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reuse finished runs in OUT whose config is unchanged instead of running them again")
     sp.add_argument("--note", default="", help="free text for the report's machine line")
     sp.add_argument("--quiet", action="store_true", help="no live view (one line per finished run only)")
-    sp.set_defaults(fn=bench_strategies)
-    return p
+    sp.set_defaults(bench_fn=bench_strategies)
 
 
 def effective_params(name: str, given: dict) -> dict:
@@ -469,10 +473,14 @@ def write_reports(results: list[StrategyResult], *, base: fcfg.RunConfig, seeds:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``fedge bench ...`` (argv without the leading 'bench')."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The parsed ``fedge bench`` command; ``argv`` (after 'bench') is recorded as the command that reproduces it."""
     try:
         # The command as it reproduces the results (--reuse only skips finished runs).
-        return args.fn(args, command="fedge bench " + shlex.join(a for a in argv if a != "--reuse"))
+        return args.bench_fn(args, command="fedge bench " + shlex.join(a for a in argv if a != "--reuse"))
     except fcfg.ConfigError as err:
         print(f"fedge bench: {err}", file=sys.stderr)
         return 2

@@ -150,8 +150,8 @@ def test_bad_arguments_name_the_field(tmp_path):
         SA.audit_user_level(canaries=1, rounds=1, noise_multiplier=1.0, clip_norm=0.1, delta=DELTA)
     with pytest.raises(ValueError, match="mechanism"):
         SA.load_mechanism("no_colon_here")
-    assert cli.main(["audit", "classify", "--level", "user", "--access", "black", "--run-dir",
-                     str(tmp_path / "x")]) == 2
+    assert cli.main(["audit", "classify", "--level", "user", "--access", "black", "--client-sampling",
+                     "--run-dir", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.slow

@@ -228,12 +228,12 @@ def user_level_noise_for_epsilon(
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """The planning answer for parsed CLI arguments, as a JSON-ready dict."""
-    if args.command == "epsilon":
+    if args.privacy_command == "epsilon":
         eps = epsilon(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, steps=args.steps,
                       delta=args.delta, accountant=args.accountant)
         return {"level": "record", "accountant": args.accountant, "noise_multiplier": args.noise_multiplier,
                 "sample_rate": args.sample_rate, "steps": args.steps, "delta": args.delta, "epsilon": eps}
-    if args.command == "plan":
+    if args.privacy_command == "plan":
         from fedge.privacy.planner import plan_record_level
 
         chosen, table = plan_record_level(
@@ -241,7 +241,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs,
             trainable_params=args.trainable_params, max_batch=args.max_batch, accountant=args.accountant)
         return {"level": "record", "recommended": chosen.to_dict(), "candidates": [p.to_dict() for p in table]}
-    if args.command == "noise":
+    if args.privacy_command == "noise":
         z = noise_for_epsilon(target_epsilon=args.target_epsilon, sample_rate=args.sample_rate, steps=args.steps,
                               delta=args.delta, accountant=args.accountant)
         eps = epsilon(noise_multiplier=z, sample_rate=args.sample_rate, steps=args.steps, delta=args.delta,
@@ -261,9 +261,9 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedge privacy", description="Plan a differential-privacy budget.")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_commands(sub: Any) -> None:
+    """``epsilon``, ``noise``, ``plan``, ``user-level`` under ``sub`` (the subparsers of ``fedge privacy``,
+    whose ``dest`` must be ``privacy_command``)."""
 
     def common(sp: argparse.ArgumentParser, accountants: Sequence[str]) -> None:
         sp.add_argument("--delta", type=float, required=True, help="target δ (below 1/population)")
@@ -302,6 +302,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="poisson (fedge's default, privacy.user_level.sampling): each client joins with q = m/N; "
                    "fixed: exactly m of N without replacement (replace-one, ~9x more ε at the same noise)")
     common(u, ACCOUNTANTS)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedge privacy", description="Plan a differential-privacy budget.")
+    add_commands(p.add_subparsers(dest="privacy_command", required=True))
     return p
 
 
@@ -324,7 +329,11 @@ def _plan_table(out: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``fedge privacy {epsilon,noise,plan,user-level} ...``: plain text, or JSON with ``--json``."""
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The parsed ``fedge privacy`` command (``add_commands``)."""
     try:
         out = plan(args)
     except ValueError as err:
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
-        if args.command == "plan":
+        if args.privacy_command == "plan":
             print(_plan_table(out))
             return 0
         for k, v in out.items():
