@@ -340,22 +340,10 @@ def cmd_server(args) -> int:
               flush=True)
         from fedge import progress
 
-        seen, started, last_event = 0, time.time(), None
         with progress.LiveView(cfg.federation.num_rounds, format_row=_round_line, quiet=args.quiet) as view:
-            while not (run_dir / "summary.json").exists():
-                rows = D.read_metrics(run_dir)
-                for row in rows[seen:]:
-                    view.round_done(row)
-                seen = len(rows)
-                event = progress.read_file(run_dir / "progress.json")  # written by the ServerApp process
-                if event and event != last_event and event.get("time", 0) >= started:
-                    view.on_event(event)
-                    last_event = event
-                if link.poll() is not None:
-                    raise D.DeployError(f"the SuperLink exited ({link.returncode}); see {home / 'superlink.log'}")
-                time.sleep(1.0)
-            for row in D.read_metrics(run_dir)[seen:]:
-                view.round_done(row)
+            D.watch_run(run_dir, done=lambda _: (run_dir / "summary.json").exists(),
+                        what=f"the run to finish (SuperLink log: {home / 'superlink.log'})", procs=[link],
+                        on_row=view.round_done, on_event=view.on_event)
         print(f"done: {run_dir}/summary.json (report.md, plots/)")
     finally:
         server.stop()

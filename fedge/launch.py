@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -574,20 +574,47 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
 
 
+def watch_run(run_dir: str | Path, *, done: Callable[[list[dict]], bool], what: str,
+              procs: Iterable[subprocess.Popen] = (), timeout: float | None = None, poll: float = 1.0,
+              on_row: Callable[[dict], None] | None = None,
+              on_event: Callable[[dict], None] | None = None) -> list[dict]:
+    """Poll a run directory until ``done(rows)``; return its metrics rows.
+
+    New rows of ``metrics.jsonl`` go to ``on_row`` and each new ``progress.json`` event (written by
+    the ServerApp process after this call began) to ``on_event``. Fails early, naming ``what`` it
+    waited for, if a watched process exits, and after ``timeout`` seconds (None: no limit)."""
+    from fedge import progress
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    procs, started, seen, last = list(procs), time.time(), 0, None
+    while True:
+        rows = read_metrics(run_dir)
+        finished = done(rows)
+        if finished and on_row is not None:  # what was written before ``done`` turned true is all there
+            rows = read_metrics(run_dir)
+        for row in rows[seen:] if on_row else ():
+            on_row(row)
+        seen = len(rows)
+        if finished:
+            return rows
+        if on_event is not None:
+            event = progress.read_file(Path(run_dir) / "progress.json")
+            if event and event != last and event.get("time", 0) >= started:
+                on_event(event)
+                last = event
+        for p in procs:
+            if p.poll() is not None:
+                raise DeployError(f"{p.args[0]} exited with {p.returncode} while waiting for {what}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeployError(f"{what} not reached after {timeout:.0f} s; rows: {rows}")
+        time.sleep(poll)
+
+
 def wait_for_rounds(run_dir: str | Path, rounds: int, *, timeout: float, procs: Iterable[subprocess.Popen] = (),
                     poll: float = 1.0) -> list[dict]:
     """Wait until metrics.jsonl has round ``rounds``; fail early if a watched process dies."""
-    deadline = time.monotonic() + timeout
-    procs = list(procs)
-    while time.monotonic() < deadline:
-        rows = read_metrics(run_dir)
-        if rows and rows[-1]["round"] >= rounds:
-            return rows
-        for p in procs:
-            if p.poll() is not None:
-                raise DeployError(f"{p.args[0]} exited with {p.returncode} while waiting for round {rounds}")
-        time.sleep(poll)
-    raise DeployError(f"round {rounds} not reached after {timeout:.0f} s; rows: {read_metrics(run_dir)}")
+    return watch_run(run_dir, done=lambda rows: bool(rows) and rows[-1]["round"] >= rounds, what=f"round {rounds}",
+                     procs=procs, timeout=timeout, poll=poll)
 
 
 def wait_for_summary(run_dir: str | Path, timeout: float = 120.0) -> dict:
