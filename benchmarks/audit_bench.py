@@ -101,39 +101,38 @@ def ideal_ratio(z: float, m: int, eps: float, *, steps: int = ROUNDS, q: float =
     return float(np.mean(out))
 
 
-def user_black_rows(m: int) -> list[dict]:
+def _rows(run, epsilons, setting, series: str | None = None) -> list[dict]:
+    """One audit per ε (None: no DP), on one torch thread; each row named and timed."""
     import torch
-
-    from simulations.audit import audit_user_level_black
 
     torch.set_num_threads(1)
     rows = []
-    for eps in (None, 2.0, 4.0, 8.0):
+    for eps in epsilons:
         t0 = time.perf_counter()
-        r = audit_user_level_black(canaries=m, target_epsilon=eps, clip_norm=CLIP, delta=DELTA, seed=0)
-        r["setting"] = f"{'no DP' if eps is None else f'user-level DP, target ε {eps:g}'} (canary clients' records)"
-        r["series"] = "user level, black box"
+        r = run(eps)
+        r["setting"] = setting("no DP" if eps is None else eps)
+        if series:
+            r["series"] = series
         r["wall_s"] = time.perf_counter() - t0
         rows.append(r)
         print(_line(r), flush=True)
     return rows
+
+
+def user_black_rows(m: int) -> list[dict]:
+    from simulations.audit import audit_user_level_black
+
+    return _rows(lambda eps: audit_user_level_black(canaries=m, target_epsilon=eps, clip_norm=CLIP, delta=DELTA,
+                                                    seed=0), (None, 2.0, 4.0, 8.0),
+                 lambda e: f"{e if e == 'no DP' else f'user-level DP, target ε {e:g}'} (canary clients' records)",
+                 series="user level, black box")
 
 
 def record_rows(m: int) -> list[dict]:
-    import torch
-
     from simulations.audit import audit_record_level
 
-    torch.set_num_threads(1)
-    rows = []
-    for eps in (None, 1.0, 4.0, 8.0):
-        t0 = time.perf_counter()
-        r = audit_record_level(canaries=m, target_epsilon=eps, delta=DELTA, seed=0)
-        r["setting"] = "no DP" if eps is None else f"DP-SGD, target ε {eps:g}"
-        r["wall_s"] = time.perf_counter() - t0
-        rows.append(r)
-        print(_line(r), flush=True)
-    return rows
+    return _rows(lambda eps: audit_record_level(canaries=m, target_epsilon=eps, delta=DELTA, seed=0),
+                 (None, 1.0, 4.0, 8.0), lambda e: e if e == "no DP" else f"DP-SGD, target ε {e:g}")
 
 
 WHITE_SEEDS = (1, 2, 3)  # extra runs of each white-box DP-SGD row: the spread of one run's ε_lb
@@ -172,21 +171,11 @@ def white_record_rows(m: int) -> list[dict]:
 
 
 def lm_rows(m: int) -> list[dict]:
-    import torch
-
     from simulations.audit import audit_record_level_lm
 
-    torch.set_num_threads(1)
-    rows = []
-    for eps in (None, 8.0):
-        t0 = time.perf_counter()
-        r = audit_record_level_lm(canaries=m, target_epsilon=eps, delta=DELTA, seed=0)
-        r["setting"] = f"{'no DP' if eps is None else f'DP-SGD, target ε {eps:g}'} (secret canaries, causal LM)"
-        r["series"] = "record level, black box, causal LM"
-        r["wall_s"] = time.perf_counter() - t0
-        rows.append(r)
-        print(_line(r), flush=True)
-    return rows
+    return _rows(lambda eps: audit_record_level_lm(canaries=m, target_epsilon=eps, delta=DELTA, seed=0), (None, 8.0),
+                 lambda e: f"{e if e == 'no DP' else f'DP-SGD, target ε {e:g}'} (secret canaries, causal LM)",
+                 series="record level, black box, causal LM")
 
 
 def _line(r: dict) -> str:

@@ -85,6 +85,15 @@ def load_mechanism(path: str):
         raise ValueError(f"--mechanism {path!r}: {err}") from None
 
 
+def _check_counts(canaries: int, rounds: int) -> int:
+    """m = ``canaries`` (at least 2); ``rounds`` at least 1."""
+    if int(canaries) < 2:
+        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
+    if int(rounds) < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    return int(canaries)
+
+
 def audit_user_level(
     *, canaries: int, rounds: int, noise_multiplier: float | None, clip_norm: float, delta: float,
     seed: int = 0, inner: str = "fedavg", mechanism=None, adaptive: bool = False, target_quantile: float = 0.5,
@@ -98,11 +107,7 @@ def audit_user_level(
     sampler; None: every canary in every round, k = m."""
     import strategies
 
-    m = int(canaries)
-    if m < 2:
-        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
-    if int(rounds) < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    m = _check_counts(canaries, rounds)
     n_pop = m if population is None else int(population)
     k = m if clients_per_round is None else int(clients_per_round)
     if n_pop < m or not 1 <= k <= n_pop:
@@ -236,6 +241,18 @@ def _records(n: int, rng: np.random.Generator, label: int | None) -> list[dict]:
              "label": int(rng.integers(_LABELS - 1)) if label is None else label} for _ in range(n)]
 
 
+def _canary_margins(model, canary: list[dict]) -> np.ndarray:
+    """Logit of the canary label minus the largest other logit, per canary record (float64, (m,))."""
+    import torch
+
+    from fedge.data.tokenize import collate
+
+    batch = collate(canary, task="sequence-classification", pad_id=0)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return (logits[:, _LABELS - 1] - logits[:, :_LABELS - 1].max(dim=1).values).double().numpy()
+
+
 def audit_record_level(
     *, canaries: int, target_epsilon: float | None, delta: float = 1e-5, background: int = 128, steps: int = 300,
     batch_size: int = 64, lr: float = 1e-2, max_grad_norm: float = 1.0, accountant: str = "rdp", seed: int = 0,
@@ -245,7 +262,6 @@ def audit_record_level(
 
     ``target_epsilon=None``: trained without DP by ``fedge.train.train_local``, ε is None.
     """
-    import torch
 
 
     m = int(canaries)
@@ -261,12 +277,7 @@ def audit_record_level(
     eps, z = _train(model, data, task=task, steps=steps, batch_size=batch_size,
                     sample_rate=min(1.0, batch_size / len(data)), lr=lr, target_epsilon=target_epsilon, delta=delta,
                     max_grad_norm=max_grad_norm, accountant=accountant, seed=seed)
-    from fedge.data.tokenize import collate
-
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in collate(canary, task=task, pad_id=0).items() if k != "labels"}).logits
-    others = logits[:, :_LABELS - 1].max(dim=1).values
-    scores = (logits[:, _LABELS - 1] - others).double().numpy()
+    scores = _canary_margins(model, canary)
     return {"level": "record", "access": "black", "epsilon": eps, "delta": float(delta), "canaries": m,
             "noise_multiplier": z, "steps": steps, "batch_size": batch_size, "background": background,
             "model": "tiny BERT (2 layers, hidden 32, random weights), LoRA r=8 on query/value",
@@ -299,18 +310,12 @@ def audit_user_level_black(
     The defaults (50 rounds, 8 background clients, 8 steps at lr 5e-2) are the smallest setting found in
     which the audit detects memorisation without DP (benchmarks/results/audit.md).
     """
-    import torch
 
     import strategies
     from fedge import models
-    from fedge.data.tokenize import collate
     from fedge.train import train_local
 
-    m = int(canaries)
-    if m < 2:
-        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
-    if int(rounds) < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    m = _check_counts(canaries, rounds)
     rng = np.random.default_rng(seed)
     canary = _records(m, rng, label=_LABELS - 1)
     included = rng.random(m) < 0.5
@@ -355,9 +360,7 @@ def audit_user_level_black(
         if event is not None:
             ledger.record(dataclasses.replace(event, round=t))
     models.set_adapter_state(model, current)
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in collate(canary, task=task, pad_id=0).items() if k != "labels"}).logits
-    scores = (logits[:, _LABELS - 1] - logits[:, :_LABELS - 1].max(dim=1).values).double().numpy()
+    scores = _canary_margins(model, canary)
     eps = ledger.user_level_epsilon(delta=delta, accountant=accountant) if ledger.releases() else None
     return {"level": "user", "access": "black", "epsilon": eps, "delta": float(delta), "canaries": m,
             "rounds": int(rounds), "noise_multiplier": noise_multiplier, "clip_norm": float(clip_norm),
@@ -512,11 +515,7 @@ def audit_record_level_white(
     from fedge.privacy import dpsgd
     from fedge.train import train_local
 
-    m = int(canaries)
-    if m < 2:
-        raise ValueError(f"canaries must be >= 2, got {canaries!r}")
-    if int(rounds) < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    m = _check_counts(canaries, rounds)
     rng = np.random.default_rng(seed)
     included = rng.random(m) < 0.5
     axis = rng.permutation(m)  # canary j's coordinate: token 1 + axis[j] (0 is padding)
