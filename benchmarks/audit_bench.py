@@ -20,7 +20,7 @@ Rows (δ = 1e-5, 95% confidence, one-run bound of Steinke et al. 2023):
 
 Writes benchmarks/results/audit.md, audit.csv and audit.png.
 Usage: nice -n 19 python benchmarks/audit_bench.py [--user-canaries 10000] [--record-canaries 256]
-       [--user-black-canaries 128] [--white-record-canaries 10000] [--lm-canaries 256]  (about 15 CPU-minutes)
+       [--user-black-canaries 64] [--white-record-canaries 10000] [--lm-canaries 256]  (about 15 CPU-minutes)
 """
 
 from __future__ import annotations
@@ -216,11 +216,24 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _black_dp_sentence(rows: list[dict]) -> str:
+    """What the user-level black-box DP rows showed, from their numbers."""
+    dp = [r for r in rows if r.get("series") == "user level, black box" and r["epsilon"] is not None]
+    if not dp:
+        return ""
+    lbs = ", ".join(f"ε {r['epsilon']:.0f}: ε_lb {r['epsilon_lb']:.2f}, AUROC {r['auroc']:.2f}" for r in dp)
+    gone = all(r["epsilon_lb"] == 0 for r in dp)
+    return (f"With DP ({lbs}) " + ("the signal is gone at every ε, so, like the record-level black-box rows, these "
+                                    "rows show that this attack fails, not how tight ε is." if gone else
+                                    "some signal remains below ε; the white-box rows are the ones that test how "
+                                    "tight ε is."))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--user-canaries", type=int, default=10000)
     ap.add_argument("--record-canaries", type=int, default=256)
-    ap.add_argument("--user-black-canaries", type=int, default=128)
+    ap.add_argument("--user-black-canaries", type=int, default=64)
     ap.add_argument("--white-record-canaries", type=int, default=10000)
     ap.add_argument("--lm-canaries", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "audit.md"))
@@ -292,10 +305,11 @@ def main() -> int:
               "classifier's adapter and head for real (`train_local`, 8 steps, lr 5e-2) and the deltas go "
               "through `UserLevelDP` (S = 0.1, z calibrated for ε over the run's clients at q = 1, 50 rounds); "
               "score = the released model's logit margin of the canary label on the canary's record. This is "
-              "what anyone holding the deployed model can do. Without DP the audit sees the canaries (the "
-              "smallest setting where it does: fewer rounds or more background clients and it does not); "
-              "with DP the signal is gone at every ε, so, like the record-level black-box rows, these rows "
-              "show that the attack fails, not how tight ε is.",
+              "what anyone holding the deployed model can do. Each canary's record reaches the model only through "
+              "its client's delta averaged with the n − 1 others, so the signal shrinks with n: at this size "
+              "(64 canaries, ~40 clients a round) the audit sees the canaries without DP; with 128 canaries "
+              "(~72 clients a round) it measured ε_lb 0.00, AUROC 0.58, and fewer rounds or more background "
+              "clients lose it too. " + _black_dp_sentence(rows),
               "- Record level, white box (gradient canaries, `audit_record_level_white`): one-token canary records "
               "whose per-example gradient is ±100 C on a coordinate of their own (a constructed model, θ ∈ R^V), "
               "each in the data with probability ½ beside 256 background records, trained by the real "
