@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedge.data.tokenize import IGNORE, chat_prompt_ids, collate, end_token_id
+from fedge.data.tokenize import IGNORE, chat_prompt_ids, collate, stop_token_ids
 from fedge.devices import model_device, to_device
 
 
@@ -225,8 +225,7 @@ def evaluate(
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> str:
     """Greedy answer to ``prompt`` as a chat turn (deterministic, for side-by-side views)."""
     ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=model_device(model))
-    end_ids = {end_token_id(tokenizer)} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     model.eval()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=list(end_ids), pad_token_id=tokenizer.pad_token_id)
+                         do_sample=False, eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
