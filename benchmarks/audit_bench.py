@@ -54,7 +54,7 @@ def user_rows(m: int) -> list[dict]:
         r["setting"] = "no DP" if eps is None else f"user-level DP, target ε {eps:g}"
         r["wall_s"] = time.perf_counter() - t0
         if z is not None:
-            r["ideal_ratio"] = ideal_ratio(z, m, r["epsilon"])
+            r["ideal_ratio"], r["ideal_ratio_gdp"] = ideal_ratio(z, m, r["epsilon"])
         rows.append(r)
         print(_line(r), flush=True)
     return rows
@@ -78,27 +78,31 @@ def sampled_user_rows(m: int) -> list[dict]:
         r["setting"] = f"user-level DP, target ε {eps:g} (client sampling q = {SAMPLED_Q:g})"
         r["series"] = "user level, white box, client sampling"
         r["wall_s"] = time.perf_counter() - t0
-        r["ideal_ratio"] = ideal_ratio(z, m, r["epsilon"], steps=SAMPLED_ROUNDS, q=SAMPLED_Q)
+        r["ideal_ratio"], r["ideal_ratio_gdp"] = ideal_ratio(z, m, r["epsilon"], steps=SAMPLED_ROUNDS, q=SAMPLED_Q)
         rows.append(r)
         print(_line(r), flush=True)
     return rows
 
 
-def ideal_ratio(z: float, m: int, eps: float, *, steps: int = ROUNDS, q: float = 1.0, seeds: int = 8) -> float:
-    """Mean ε_lb / ε of the same bound on ideal scores: the exact (subsampled) Gaussian mechanism of the
-    audited run, as a score that sums the T releases (add/remove): included ~ Bin(T, q) + z√T N(0, 1),
-    excluded ~ z√T N(0, 1) (q = 1: N(√T/z, 1) vs N(0, 1) after scaling), m canaries."""
+def ideal_ratio(z: float, m: int, eps: float, *, steps: int = ROUNDS, q: float = 1.0,
+                seeds: int = 8) -> tuple[float, float]:
+    """Mean ε_lb / ε of the same bounds (Steinke's, the f-DP Gaussian one) on ideal scores: the exact
+    (subsampled) Gaussian mechanism of the audited run, as a score that sums the T releases (add/remove):
+    included ~ Bin(T, q) + z√T N(0, 1), excluded ~ z√T N(0, 1) (q = 1: N(√T/z, 1) vs N(0, 1) after
+    scaling), m canaries."""
     import numpy as np
 
     from fedge.privacy.audit import one_run_epsilon
+    from fedge.privacy.audit_fdp import one_run_fdp
 
-    out = []
+    steinke, gdp = [], []
     for seed in range(seeds):
         rng = np.random.default_rng(1000 + seed)
         inc = rng.random(m) < 0.5
-        noise = z * steps ** 0.5 * rng.normal(size=m)
-        out.append(one_run_epsilon(noise + inc * rng.binomial(steps, q, size=m), inc, delta=DELTA)["epsilon_lb"] / eps)
-    return float(np.mean(out))
+        scores = z * steps ** 0.5 * rng.normal(size=m) + inc * rng.binomial(steps, q, size=m)
+        steinke.append(one_run_epsilon(scores, inc, delta=DELTA)["epsilon_lb"] / eps)
+        gdp.append(one_run_fdp(scores, inc, delta=DELTA)["epsilon_lb_gdp"] / eps)
+    return float(np.mean(steinke)), float(np.mean(gdp))
 
 
 def _rows(run, epsilons, setting, series: str | None = None) -> list[dict]:
@@ -151,7 +155,7 @@ def white_record_rows(m: int) -> list[dict]:
         r["setting"] = f"{'no DP' if eps is None else f'DP-SGD, target ε {eps:g}'} (gradient canaries)"
         r["wall_s"] = time.perf_counter() - t0
         if r["noise_multiplier"] is not None:
-            r["ideal_ratio"] = ideal_ratio(r["noise_multiplier"], m, r["epsilon"], steps=r["steps"],
+            r["ideal_ratio"], r["ideal_ratio_gdp"] = ideal_ratio(r["noise_multiplier"], m, r["epsilon"], steps=r["steps"],
                                            q=r["sample_rate"])
             more = [audit_record_level_white(canaries=m, target_epsilon=eps, delta=DELTA, seed=s) for s in WHITE_SEEDS]
             r["seed_ratios"] = [r["epsilon_lb"] / r["epsilon"], *(o["epsilon_lb"] / o["epsilon"] for o in more)]
@@ -164,7 +168,7 @@ def white_record_rows(m: int) -> list[dict]:
     r["setting"] = "DP-SGD, target ε 4 (gradient canaries, 4 rounds × 25 steps)"
     r["series"] = "record level, white box, 4 rounds"
     r["wall_s"] = time.perf_counter() - t0
-    r["ideal_ratio"] = ideal_ratio(r["noise_multiplier"], m, r["epsilon"], steps=100, q=r["sample_rate"])
+    r["ideal_ratio"], r["ideal_ratio_gdp"] = ideal_ratio(r["noise_multiplier"], m, r["epsilon"], steps=100, q=r["sample_rate"])
     rows.append(r)
     print(_line(r), flush=True)
     return rows
@@ -246,7 +250,8 @@ def main() -> int:
         + white_record_rows(args.white_record_canaries) + lm_rows(args.lm_canaries)
     cpu = time.process_time() - t0
     cols = ["setting", "level", "access", "epsilon", "epsilon_lb", "canaries", "delta", "confidence", "r", "v",
-            "auroc", "tpr_at_fpr", "exposure_mean", "ceiling", "ideal_ratio", "noise_multiplier", "wall_s"]
+            "auroc", "tpr_at_fpr", "exposure_mean", "ceiling", "ideal_ratio", "noise_multiplier", "wall_s",
+            "epsilon_lb_fdp", "mu_lb", "epsilon_lb_gdp", "ideal_ratio_gdp"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -256,21 +261,32 @@ def main() -> int:
                         r["delta"], r["confidence"], r["r"], r["v"], f"{r['auroc']:.4f}", f"{r['tpr_at_fpr']:.4f}",
                         f"{r['exposure']['mean']:.3f}", f"{r['ceiling']:.3f}",
                         f"{r['ideal_ratio']:.4f}" if "ideal_ratio" in r else "",
-                        "" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}", f"{r['wall_s']:.1f}"])
+                        "" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}", f"{r['wall_s']:.1f}",
+                        f"{r['epsilon_lb_approx']:.4f}", f"{r['mu_lb']:.4f}", f"{r['epsilon_lb_gdp']:.4f}",
+                        f"{r['ideal_ratio_gdp']:.4f}" if "ideal_ratio_gdp" in r else ""])
     plot(rows, out.with_suffix(".png"))
     lines = ["# Privacy audit: measured ε_lb beside the accountant's ε", "",
              f"`nice -n 19 python benchmarks/audit_bench.py` ({platform.processor() or platform.machine()}, "
              f"{cpu / 60:.1f} CPU-minutes of this process; machine shared). One run per row; δ = {DELTA:g}; ε_lb at 95% confidence "
-             "(Steinke, Nasr, Jagielski 2023, one-run bound, best of 7 guess counts, Bonferroni-corrected).", "",
-             "| setting | level | access | ε | ε_lb | ε_lb / ε | ideal ε_lb / ε | canaries | AUROC | TPR @ 1% FPR "
-             "| ceiling |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(Steinke, Nasr, Jagielski 2023, one-run bound, best of 7 guess counts, Bonferroni-corrected). "
+             "Beside it, from the same guesses, the f-DP one-run bounds (Mahloujifar, Melis, Chaudhuri 2024; "
+             "`fedge/privacy/audit_fdp.py`, same grid and correction): *f-DP ε_lb* rejects (ε, δ)-DP through its "
+             "trade-off curve; *Gaussian μ_lb* is the largest μ whose μ-GDP the guesses reject, → its ε at δ. The "
+             "Gaussian reading is exact for the user-level rows without client sampling (T rounds at noise z are "
+             "μ-GDP, μ = √T/z) and a central-limit approximation elsewhere; the verdict (ε_lb > ε) uses Steinke's.", "",
+             "| setting | level | access | ε | ε_lb | ε_lb / ε | ideal ε_lb / ε | f-DP ε_lb | Gaussian μ_lb → ε_lb "
+             "| its ratio (ideal) | canaries | AUROC | TPR @ 1% FPR | ceiling |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         ratio = "—" if r["epsilon"] is None else f"{r['epsilon_lb'] / r['epsilon']:.2f}"
         lines.append(f"| {r['setting']} | {r['level'] if r['epsilon'] is not None else 'none'} | {r['access']} | "
                      f"{eps} | {r['epsilon_lb']:.2f} | {ratio} | "
-                     f"{'—' if 'ideal_ratio' not in r else format(r['ideal_ratio'], '.2f')} | {r['canaries']} | {r['auroc']:.3f} | "
+                     f"{'—' if 'ideal_ratio' not in r else format(r['ideal_ratio'], '.2f')} | "
+                     f"{r['epsilon_lb_approx']:.2f} | {r['mu_lb']:.3f} → {r['epsilon_lb_gdp']:.2f} | "
+                     + ("—" if r["epsilon"] is None else f"{r['epsilon_lb_gdp'] / r['epsilon']:.2f}"
+                        + ("" if "ideal_ratio_gdp" not in r else f" ({r['ideal_ratio_gdp']:.2f})"))
+                     + f" | {r['canaries']} | {r['auroc']:.3f} | "
                      f"{r['tpr_at_fpr']:.3f} | {r['ceiling']:.2f} |")
     bad = [r for r in rows if r["epsilon"] is not None and r["epsilon_lb"] > r["epsilon"]]
     lines += ["", f"![ε_lb vs ε]({out.with_suffix('.png').name})", "",
@@ -286,7 +302,9 @@ def main() -> int:
               "A measured ratio at that level means the audit is as tight as this bound and this score allow; "
               "the remaining gap belongs to the bound (it tests against ε-DP randomized response) and, at record "
               "level, to the summed score (it cannot tell which steps sampled a canary); the audit cannot say how "
-              "much of it is slack in the accountant.",
+              "much of it is slack in the accountant. The f-DP bounds read more of it from the same guesses: at "
+              "q = 1 the user-level mechanism is exactly μ-GDP (μ = √T/z), so the Gaussian μ_lb is the audit "
+              "that matches it (the ideal ratio in brackets is the same bound on the ideal scores).",
               "- User level: every canary takes part in every round (q = 1); the audit tests the clipping, the "
               "1/m and the noise of `UserLevelDP` and their composition over the rounds.",
               f"- User level, client sampling: the canaries among N = 2m clients, the other m sending 0; each "

@@ -606,13 +606,17 @@ def report_lines(result: dict) -> list[str]:
     ex = result["exposure"]
     return [
         f"## Privacy audit: {result['level']} level, {result['access']} box", "",
-        f"| ε (accountant, δ = {result['delta']:g}) | ε_lb (measured, {result['confidence']:.0%}) | canaries | "
+        f"| ε (accountant, δ = {result['delta']:g}) | ε_lb (measured, {result['confidence']:.0%}) | "
+        "ε_lb f-DP (ε, δ) / Gaussian μ_lb → ε | canaries | "
         f"guesses r / correct v | AUROC | TPR @ FPR {result['fpr']:g} | exposure mean / max (of {ex['max_bits']:.1f} bits) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {eps} | {result['epsilon_lb']:.3f} | {result['canaries']} | {result['r']} / {result['v']} | "
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {eps} | {result['epsilon_lb']:.3f} | {result['epsilon_lb_approx']:.3f} / {result['mu_lb']:.3f} → "
+        f"{result['epsilon_lb_gdp']:.3f} | {result['canaries']} | {result['r']} / {result['v']} | "
         f"{result['auroc']:.3f} | {result['tpr_at_fpr']:.3f} | {ex['mean']:.2f} / {ex['max']:.2f} |", "",
         verdict + f". Score: {result['score']}. Ceiling of this audit (all guesses right): "
-        f"ε_lb ≤ {result['ceiling']:.2f}." + (f" Scenario ε (with client sampling): {result['epsilon_scenario']:.3f}."
+        f"ε_lb ≤ {result['ceiling']:.2f}. The f-DP columns (Mahloujifar et al. 2024) read the same guesses "
+        "through a trade-off curve: (ε, δ)-DP's, and the Gaussian family's (μ_lb: the run is not μ-GDP for "
+        "any smaller μ; its ε holds for Gaussian mechanisms)." + (f" Scenario ε (with client sampling): {result['epsilon_scenario']:.3f}."
                                               if result.get("epsilon_scenario") is not None else "")
         + (f" Exposure of the included secrets among {xr['candidates']} fresh ones: mean {xr['mean']:.2f}, "
            f"max {xr['max']:.2f} of {xr['max_bits']:.2f} bits." if (xr := result.get("exposure_references")) else ""),
@@ -702,7 +706,8 @@ def summary_line(result: dict) -> str:
     eps = "no DP" if result["epsilon"] is None else f"ε = {result['epsilon']:.3f}"
     return (f"{result['level']}-level {result['access']}-box audit, {result['canaries']} canaries: {eps}, "
             f"ε_lb = {result['epsilon_lb']:.3f} at {result['confidence']:.0%} confidence (δ = {result['delta']:g}); "
-            f"AUROC {result['auroc']:.3f}" + ("  ** ε_lb > ε: PRIVACY BUG **" if violated(result) else "")
+            f"f-DP: ε_lb {result['epsilon_lb_approx']:.3f}, Gaussian μ_lb {result['mu_lb']:.3f} "
+            f"(ε {result['epsilon_lb_gdp']:.3f}); AUROC {result['auroc']:.3f}" + ("  ** ε_lb > ε: PRIVACY BUG **" if violated(result) else "")
             + ("" if result["epsilon"] is None or result["ceiling"] > result["epsilon"] else
                f"\n  note: with {result['canaries']} canaries ε_lb cannot exceed {result['ceiling']:.2f} < ε: "
                "violations above that go unseen; use more --canaries"))

@@ -23,6 +23,8 @@ tries a fixed grid of k and pays for it with a Bonferroni correction (p / |grid|
 
 Also reported, from the same scores:
 
+* the f-DP one-run bounds of :mod:`fedge.privacy.audit_fdp` (Mahloujifar et al. 2024): μ_lb of
+  the Gaussian family with its ε at δ, and the (ε, δ) bound read through the trade-off curve;
 * exposure (Carlini et al. 2019, "The Secret Sharer", arXiv:1802.08232):
   exposure = log₂|R| − log₂ rank, rank of the canary's score among |R| reference
   scores of canaries that were *not* trained on (rank 1 = above all of them);
@@ -194,13 +196,18 @@ def exposure(scores: Scores, reference: Scores) -> np.ndarray:
 
 def summarize(scores: Scores, included: Flags, *, delta: float, p: float = DEFAULT_P,
               fpr: float = 0.01) -> dict[str, Any]:
-    """Every statistic of this module for one set of canary scores, JSON-ready."""
+    """Every statistic of this module for one set of canary scores, JSON-ready, and the f-DP bounds
+    of :mod:`fedge.privacy.audit_fdp` beside Steinke et al.'s ``epsilon_lb`` (which stays the verdict)."""
+    from fedge.privacy.audit_fdp import one_run_fdp  # imports this module's helpers: imported here, not at the top
+
     s, b = _as_arrays(scores, included)
     out = one_run_epsilon(s, b, delta=delta, p=p)
+    fdp = one_run_fdp(s, b, delta=delta, p=p)
     exp_in = exposure(s[b], s[~b]) if (~b).any() else np.array([])
     out.update(
         auroc=auroc(s, b), fpr=float(fpr), tpr_at_fpr=tpr_at_fpr(s, b, fpr=fpr),
         n_included=int(b.sum()), n_excluded=int((~b).sum()),
+        mu_lb=fdp["mu_lb"], epsilon_lb_gdp=fdp["epsilon_lb_gdp"], epsilon_lb_approx=fdp["epsilon_lb_approx"],
         exposure={"max_bits": float(np.log2((~b).sum() + 1)) if (~b).any() else 0.0,
                   "mean": float(exp_in.mean()) if exp_in.size else math.nan,
                   "median": float(np.median(exp_in)) if exp_in.size else math.nan,
