@@ -50,6 +50,29 @@ SETTINGS = {
     "user": ("dp-user", []),
 }
 
+# Item 0's other datasets: federated (``none``) against centralized (``central``) only, no DP.
+# dataset -> (scenario, overrides for every row, local steps of the central row = steps × clients per round)
+DATASETS = {
+    "reuters-r8": (None, [], None),
+    "reuters-r52": ("reuters", ["data.source=reuters-r52", "data.max_eval_examples=2568"], 320),
+    "language-id": ("classify", [], 100),  # 20 clients, 10 per round × 10 steps
+}
+
+
+def level_settings(dataset: str, level: str) -> tuple[str, list[str]]:
+    """(scenario, overrides) of one row; reuters-r8 keeps the level's own settings (and its CSV keys)."""
+    scenario, sets, central_steps = DATASETS[dataset]
+    if scenario is None:
+        return SETTINGS[level]
+    if level not in ("none", "central"):
+        raise SystemExit(f"--dataset {dataset}: only the rows none and central (the DP curve is on reuters-r8)")
+    if level == "none":
+        return scenario, list(sets)
+    central = [o for o in SETTINGS["central"][1] if not o.startswith("train.local_steps=")]
+    # One client would leave a core idle: it gets both (threads change speed, not the result's meaning).
+    return scenario, [*sets, *central, f"train.local_steps={central_steps}", "simulation.client_cpus=2",
+                      "simulation.torch_threads=2"]
+
 
 def parse_rows(spec: str) -> list[tuple[str, float | None]]:
     """'none,central,record:8,user:2' -> [(level, ε or None), ...]."""
@@ -72,8 +95,8 @@ def plateau_round(acc: list[float], tol: float = 0.005) -> int:
     return len(acc)
 
 
-def run_row(level: str, eps: float | None, seed: int, extra: list[str]) -> dict:
-    scenario, overrides = SETTINGS[level]
+def run_row(level: str, eps: float | None, seed: int, extra: list[str], dataset: str = "reuters-r8") -> dict:
+    scenario, overrides = level_settings(dataset, level)
     sets = [*overrides, f"seed={seed}", *extra]
     if level == "record":
         sets.append(f"privacy.dp_sgd.target_epsilon={eps}")
@@ -102,7 +125,7 @@ def run_row(level: str, eps: float | None, seed: int, extra: list[str]) -> dict:
         z = f"{min(zs):.3f}-{max(zs):.3f}" if zs else ""
     if "user_level" in privacy:
         spent, delta = privacy["user_level"]["epsilon"], privacy["user_level"]["delta"]
-    return {"dataset": "reuters-r8", "level": level, "epsilon": "" if eps is None else eps, "seed": seed,
+    return {"dataset": dataset, "level": level, "epsilon": "" if eps is None else eps, "seed": seed,
             "accuracy": round(acc[-1], 4), "best_accuracy": round(max(acc), 4),
             "plateau_round": at[plateau_round(acc) - 1], "rounds": at[-1],
             "epsilon_spent": "" if spent == "" else round(float(spent), 4), "delta": delta,
@@ -128,21 +151,21 @@ def append_csv(row: dict) -> None:
 
 def cmd_run(args) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    done = {(r["level"], r["epsilon"], r["seed"], r["overrides"]) for r in read_csv()}
+    done = {(r["dataset"], r["level"], r["epsilon"], r["seed"], r["overrides"]) for r in read_csv()}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for level, eps in parse_rows(args.rows):
-            row_key_sets = [*SETTINGS[level][1], f"seed={seed}", *args.set]
+            row_key_sets = [*level_settings(args.dataset, level)[1], f"seed={seed}", *args.set]
             if level == "record":
                 row_key_sets.append(f"privacy.dp_sgd.target_epsilon={eps}")
             if level == "user":
                 row_key_sets.append(f"privacy.user_level.target_epsilon={eps}")
-            key = (level, "" if eps is None else str(eps), str(seed), ";".join(row_key_sets))
+            key = (args.dataset, level, "" if eps is None else str(eps), str(seed), ";".join(row_key_sets))
             if key in done:
-                print(f"skip {key[:3]} (in the CSV)", flush=True)
+                print(f"skip {key[:4]} (in the CSV)", flush=True)
                 continue
-            row = run_row(level, eps, seed, args.set)
+            row = run_row(level, eps, seed, args.set, args.dataset)
             append_csv(row)
-            print(f"{level:>8} ε={row['epsilon'] or '—':>4} seed {seed}: acc {row['accuracy']:.4f} "
+            print(f"{args.dataset} {level:>8} ε={row['epsilon'] or '—':>4} seed {seed}: acc {row['accuracy']:.4f} "
                   f"(best {row['best_accuracy']:.4f}, plateau round {row['plateau_round']}/{row['rounds']}) "
                   f"ε spent {row['epsilon_spent'] or '—'}  {row['seconds']:.0f} s", flush=True)
     return 0
@@ -153,14 +176,17 @@ def _is_scenario_default(scenario: str, override: str) -> bool:
     """Whether ``override`` leaves the scenario as it is today (so older rows join the default's group)."""
     from fedge import config as fcfg
 
-    return fcfg.load(scenario, [override]).digest() == fcfg.load(scenario, []).digest()
+    try:
+        return fcfg.load(scenario, [override]).digest() == fcfg.load(scenario, []).digest()
+    except fcfg.ConfigError:  # valid only with the row's other overrides (e.g. pooling=mean without export)
+        return False
 
 
 def variant(row: dict) -> str:
     """The row's overrides beyond the level's own, the seed, the ε and today's scenario values
     (e.g. 'model.pooling=cls'). Rows keep every override they ran with, so a row run before a
     scenario default changed stays apart from the rows run with the new default."""
-    own = set(SETTINGS[row["level"]][1])
+    own = set(level_settings(row.get("dataset") or "reuters-r8", row["level"])[1])
     return ";".join(o for o in row["overrides"].split(";")
                     if o and o not in own and not o.startswith("seed=") and "target_epsilon=" not in o
                     and not _is_scenario_default(row["scenario"], o))
@@ -172,13 +198,47 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, s
 
 
+def federated_vs_central(rows: list[dict]) -> list[str]:
+    """Item 0's table: per dataset and settings, the federation without DP against one client holding
+    all the training data and taking the same examples per round (scenario defaults first)."""
+    out = ["## Federated vs centralized, no DP (every dataset)", "",
+           "Each line compares the two levels under the same settings (*variant*: what differs from today's "
+           "scenario). *plateau*: the first round after which test accuracy never rises by more than 0.5 points, "
+           "of the rounds run.", "",
+           "| dataset | scenario | variant | federated: final acc | best | plateau round | centralized: final acc | "
+           "best | plateau round | Δ final (fed − central) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(c: tuple | None) -> str:
+        return f"{c[0]:.4f} ({c[3]} seed{'s' * (c[3] > 1)}) | {c[1]:.4f} | {c[2]}" if c else "— | — | —"
+
+    for dataset in DATASETS:
+        mine = [r for r in rows if r["dataset"] == dataset and r["level"] in ("none", "central")]
+        for var in sorted({variant(r) for r in mine}, key=lambda v: (v != "", v)):
+            cells = {}
+            for level in ("none", "central"):
+                rs = [r for r in mine if r["level"] == level and variant(r) == var]
+                if rs:
+                    cells[level] = (_mean_std([float(r["accuracy"]) for r in rs])[0],
+                                    _mean_std([float(r["best_accuracy"]) for r in rs])[0],
+                                    ", ".join(r["plateau_round"] + "/" + r["rounds"] for r in rs), len(rs),
+                                    rs[0]["scenario"])
+            if len(cells) < 2 and var:
+                continue  # a variant measured at one level only compares with nothing
+            gap = f"{100 * (cells['none'][0] - cells['central'][0]):+.1f} pts" if len(cells) == 2 else "—"
+            scen = next(iter(cells.values()))[4]
+            out.append(f"| {dataset} | {scen} | {var or 'scenario default'} | {fmt(cells.get('none'))} | "
+                       f"{fmt(cells.get('central'))} | {gap} |")
+    return out
+
+
 def cmd_report(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_csv()
+    everything = read_csv()
+    rows = [r for r in everything if r["dataset"] == "reuters-r8"]
     groups: dict[tuple[str, str, str], list[dict]] = {}  # (level, ε, variant) -> seeds
     for r in rows:
         groups.setdefault((r["level"], r["epsilon"], variant(r)), []).append(r)
@@ -216,6 +276,7 @@ def cmd_report(args) -> int:
         lines.append(f"| {level} | {eps or '—'} | {var or 'scenario default'} | {len(rs)} | {m:.4f} ± {s:.4f} | "
                      f"{gap} | {paired} | {best:.4f} | {pl} | "
                      f"{spent} | {z} | {secs:.0f} |")
+    lines += ["", *federated_vs_central(everything)]
     (RESULTS / "dp_utility.md").write_text("\n".join(lines) + "\n" + args.notes_text())
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -252,6 +313,8 @@ def main() -> int:
     r.add_argument("--rows", default="central,none,record:1,record:2,record:4,record:8")
     r.add_argument("--seeds", default="0")
     r.add_argument("--set", action="append", default=[], help="extra override for every row")
+    r.add_argument("--dataset", default="reuters-r8", choices=sorted(DATASETS),
+                   help="reuters-r8: every level; the others: none and central (item 0)")
     r.set_defaults(fn=cmd_run)
     rep = sub.add_parser("report")
     rep.add_argument("--notes", default=str(RESULTS / "dp_utility.notes.md"),
