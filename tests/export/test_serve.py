@@ -322,3 +322,45 @@ def test_a_raising_on_text_stops_the_generation(chat_model):
     with pytest.raises(KeyboardInterrupt):
         stream.chat(chat_model, [{"role": "user", "content": "hello world"}], max_new_tokens=40, on_text=on_text)
     assert len(seen) == 2 and len(pieces) > 2
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation_and_frees_the_worker(chat_model):
+    """End to end: the client closes its socket after the first piece; the server stops decoding
+    long before the answer's end and its only worker takes the next request (one worker, no
+    queue: a generation still running would answer that request 503)."""
+    # Prepare: a device that takes 20 ms a token (a hook on the model's forward, which also counts them)
+    forwards = []
+
+    def slow(*_):
+        forwards.append(time.monotonic())
+        time.sleep(0.02)
+
+    handle = chat_model.model.register_forward_hook(slow)
+    chat = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 60, "stream": True}
+    try:
+        with running(chat_model, workers=1, queue=0) as srv:
+            _, _, events = sse_events(srv, "/v1/chat/completions", chat)
+            full = len(forwards)  # one forward a token: what a stream that is read to the end costs
+            forwards.clear()
+            # Execute: read up to the first piece, then leave
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            body = json.dumps(chat).encode()
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = b""
+            while received.count(b"data: ") < 2:  # the role chunk, then the first piece
+                received += s.recv(4096)
+            s.close()
+            at_close, t_close = len(forwards), time.monotonic()
+            time.sleep(1.0)  # 50 tokens' time: a generation left running would be past full // 2
+            after = len(forwards)
+            status, reply = post(srv, "/v1/chat/completions", {**chat, "stream": False, "max_tokens": 2})
+    finally:
+        handle.remove()
+    # Assert: the full stream ran long enough to tell; decoding stopped within a few tokens of the close
+    assert events[-1] == "[DONE]" and full >= 30
+    # The generation checks its stop flag at each new piece of text, and this random tiny model's tokens
+    # often decode to nothing, so it runs on for some tokens (15 when measured, at 20 ms each) but stops
+    # long before the end, well before the 1 s sleep is over
+    assert after < full // 2 and forwards[after - 1] - t_close < 0.8
+    assert status == 200 and reply["choices"][0]["message"]["content"] is not None
