@@ -18,7 +18,14 @@ What it does, in one run (so every ratio compares numbers measured side by side)
   4. download size: adapter mode vs merged mode per format;
   5. torch backend (``--torch`` / ``--no-torch``), loaded the way the device runtime loads each file:
      perplexity against the fp32 merged model, max |Δlogit|, load time, forward latency and tokens/s
-     (it dequantizes to fp32 at load, so its speed does not change with the format).
+     (it dequantizes to fp32 at load, so its speed does not change with the format);
+  6. when the ``onnx-genai`` extra imports: the causal-LM ONNX formats (``onnx``, ``onnx-int8``,
+     ``onnx-int4``: onnxruntime-genai's model builder, ``fedge.export.onnx_genai``) on onnxruntime-genai,
+     the device runtime for them, beside llama.cpp F32 / Q8_0 in the same latency loop: size, the same
+     perplexities (logits of the same graph through onnxruntime, the whole sequence at once), latency and
+     tokens/s of the same prompt, and an ``onnx-int4 plain`` row (every projection 4-bit: what the
+     exporter's keep-the-adapter-int8 rule avoids). ``--onnx-genai-only`` runs just this part (and the
+     adapter, and the F32 / Q8_0 references) and writes ``benchmarks/results/export_onnx_genai.md``.
 
 Perplexity, both over ``--eval-n`` held-out chatterbot pairs: *answer ppl* = exp(mean over pairs of the
 mean answer-token loss, chat template) — the project's eval metric (``fedge.train.evaluate``);
@@ -44,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedge.data.corpora import chatterbot_pairs  # noqa: E402
 from fedge.data.tokenize import IGNORE, chat_prompt_ids, encode_chat  # noqa: E402
-from fedge.export import llamacpp  # noqa: E402
+from fedge.export import llamacpp, onnx_genai  # noqa: E402
 from fedge.export.artifact import build_artifact  # noqa: E402
 from fedge.export.gguf import MODEL_TYPES, load_gguf_causal_lm  # noqa: E402
 from fedge.export.merge import load_int8_model  # noqa: E402
@@ -53,6 +60,7 @@ from fedge.models import add_lora, load_base  # noqa: E402
 from fedge.train import evaluate, train_local  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
+DEFAULT_OUT = Path(__file__).parent / "results" / "export.md"
 PROMPT = "My computer won't turn on. What should I check first, and when should I take it to a repair shop?"
 # Issue #5 goals: latency quantized / fp32 <= 0.6; perplexity change vs fp32: Q8 <= 1 %, 4-bit <= 5 %.
 LATENCY_GOAL = 0.6
@@ -122,24 +130,30 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def llama_ppl(llm, held_examples, text_ids) -> dict:
-    """Answer ppl (per-example mean answer loss, as ``fedge.train.evaluate``) and plain-text ppl."""
+def ppl_of(logits_fn, held_examples, text_ids) -> dict:
+    """Answer ppl (per-example mean answer loss, as ``fedge.train.evaluate``) and plain-text ppl, from
+    ``logits_fn(ids)``: the next-token logits at every position, (len(ids), vocab)."""
     losses = []
     for ex in held_examples:
         ids, labels = ex["input_ids"], ex["labels"]
-        llm.reset()
-        llm.eval(ids)
-        logp = _log_softmax(np.asarray(llm.scores[: len(ids) - 1]))
+        logp = _log_softmax(np.asarray(logits_fn(ids))[: len(ids) - 1])
         pos = [t for t in range(1, len(ids)) if labels[t] != IGNORE]
         losses.append(-np.mean([logp[t - 1, ids[t]] for t in pos]))
     total, count = 0.0, 0
     for ids in text_ids:
-        llm.reset()
-        llm.eval(ids)
-        logp = _log_softmax(np.asarray(llm.scores[: len(ids) - 1]))
+        logp = _log_softmax(np.asarray(logits_fn(ids))[: len(ids) - 1])
         total -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
         count += len(ids) - 1
     return {"ppl": math.exp(float(np.mean(losses))), "text_ppl": math.exp(total / count)}
+
+
+def llama_ppl(llm, held_examples, text_ids) -> dict:
+    def logits(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+
+    return ppl_of(logits, held_examples, text_ids)
 
 
 def llama_generate(llm, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -288,6 +302,242 @@ def torch_rows(merged_dir: Path, gguf_types, tok, held, text_ids, probe_ids, arg
     return rows
 
 
+# -- onnxruntime-genai (causal-LM ONNX) ---------------------------------------------------------
+
+
+def genai_available() -> bool:
+    return not onnx_genai.missing_modules()
+
+
+def ort_scorer(folder: Path, threads: int):
+    """Next-token logits of every position of ``ids`` through onnxruntime on the folder's graph (the same
+    graph onnxruntime-genai runs; empty past, the whole sequence in one call): ids -> (len, vocab)."""
+    import json
+
+    import onnxruntime as ort
+
+    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(folder / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"])
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
+            for i in range(dec["num_hidden_layers"]) for k in ("key", "value")}
+
+    def logits(ids):
+        feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64), **past}
+        return sess.run(["logits"], feed)[0][0]
+
+    return logits
+
+
+def open_genai(folder: Path, threads: int):
+    """onnxruntime-genai on ``threads`` threads, end-of-turn ignored as in :func:`llama_generate`: its
+    ``eos_token_id`` is moved to the last vocabulary id at load (the signed file is not changed)."""
+    import json
+
+    import onnxruntime_genai as og
+
+    vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"eos_token_id": vocab - 1, "decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def genai_generate(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """As :func:`llama_generate` with onnxruntime-genai (``model`` from :func:`open_genai`): prefill =
+    ``append_tokens`` (the prompt forward) and token 1; decode = tokens 2..N, one forward each."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + new_tokens)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.asarray(prompt_ids, np.int32))
+    gen.generate_next_token()
+    out = [int(gen.get_next_tokens()[0])]
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return t1 - t0, time.perf_counter() - t1, out
+
+
+def matmul_bits(path: Path) -> str:
+    """'4-bit 91, 8-bit 60': MatMulNBits nodes per bit width (fp32 MatMul: 'fp32 211')."""
+    from collections import Counter
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    c = Counter(f"{next(a.i for a in n.attribute if a.name == 'bits')}-bit" if n.op_type == "MatMulNBits" else "fp32"
+                for n in graph.node if n.op_type in ("MatMulNBits", "MatMul"))
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+
+
+def plain_int4(merged_dir: Path, out: Path, tok) -> Path:
+    """The int4 folder without the adapter-int8 rule (every projection 4-bit), for comparison only."""
+    import shutil
+
+    from fedge.data.tokenize import stop_token_ids
+
+    hf = out / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    names = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja")
+    for name in names:
+        if (merged_dir / name).exists():
+            shutil.copyfile(merged_dir / name, hf / name)
+    folder = out / "genai-int4-plain"
+    onnx_genai.build(hf, folder, "int4", cache_dir=out / "cache")
+    onnx_genai.finish_folder(folder, stop_ids=stop_token_ids(tok),
+                             tokenizer_files=[hf / n for n in names[3:] if (hf / n).exists()])
+    return folder
+
+
+def genai_rows(ggufs: dict[str, Path], folders: dict[str, Path], held, text_ids, prompt_ids, args) -> list[dict]:
+    """Rows for the GGUF references (llama.cpp) and the genai folders (onnxruntime-genai); the first GGUF
+    (F32) is the reference. Latency: every runner open at once, interleaved run by run."""
+    rows = []
+    for label, path in ggufs.items():
+        t0 = time.perf_counter()
+        llm = open_llama(path, threads=args.ppl_threads, logits_all=True)
+        rows.append({"label": label, "runtime": "llama.cpp", "file": path.name, "bytes": path.stat().st_size,
+                     "folder_bytes": path.stat().st_size, "weights": tensor_types(path),
+                     **llama_ppl(llm, held, text_ids)})
+        del llm
+        print(f"{label:16s} llama.cpp answer ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    for label, folder in folders.items():
+        t0 = time.perf_counter()
+        rows.append({"label": label, "runtime": "onnxruntime-genai", "file": f"{folder.name}/model.onnx",
+                     "bytes": (folder / "model.onnx").stat().st_size,
+                     "folder_bytes": sum(p.stat().st_size for p in folder.iterdir()),
+                     "weights": matmul_bits(folder / "model.onnx"),
+                     **ppl_of(ort_scorer(folder, args.ppl_threads), held, text_ids)})
+        print(f"{label:16s} onnxruntime answer ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    runners = {}
+    for r in rows:
+        if r["runtime"] == "llama.cpp":
+            llm = open_llama(ggufs[r["label"]], threads=args.threads, logits_all=False)
+            runners[r["label"]] = (lambda ids, n, llm=llm: llama_generate(llm, ids, n))
+        else:
+            model = open_genai(folders[r["label"]], args.threads)
+            runners[r["label"]] = (lambda ids, n, model=model: genai_generate(model, ids, n))
+    tokens = {k: run(prompt_ids, args.new_tokens)[2] for k, run in runners.items()}  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+    for _ in range(args.repeats):
+        for k, run in runners.items():
+            pre, dec, out = run(prompt_ids, args.new_tokens)
+            assert out == tokens[k], "greedy decoding is not deterministic"
+            times[k].append((pre, dec))
+    first = rows[0]["label"]
+    for r in rows:
+        t = times[r["label"]]
+        r.update(prefill_s=statistics.median(p for p, _ in t), decode_s=statistics.median(d for _, d in t),
+                 total_s=statistics.median(p + d for p, d in t),
+                 same_tokens=_common_prefix(tokens[r["label"]], tokens[first]))
+        r["decode_tok_s"] = (args.new_tokens - 1) / r["decode_s"]
+        print(f"{r['label']:16s} prefill {r['prefill_s'] * 1000:.0f} ms  decode {r['decode_s'] * 1000:.0f} ms  "
+              f"total {r['total_s'] * 1000:.0f} ms  {r['decode_tok_s']:.1f} tok/s", flush=True)
+    return rows
+
+
+def genai_lines(rows, args, prompt_len: int, build_s: float | None) -> list[str]:
+    from importlib.metadata import version
+
+    ref = rows[0]
+    lines = [
+        "## Causal-LM ONNX (onnxruntime-genai) beside llama.cpp",
+        "",
+        f"onnxruntime-genai {version('onnxruntime-genai')}, onnxruntime {version('onnxruntime')}. Same held-out "
+        f"token ids and formulas as above; the ONNX perplexities come from the same graph run by onnxruntime on the "
+        f"whole sequence (logits equal onnxruntime-genai's token-by-token ones within 1e-6 in a check). Latency: the "
+        f"chat prompt above ({prompt_len} tokens) then {args.new_tokens} greedy new tokens (end-of-turn ignored), "
+        f"median of {args.repeats} runs after one warm-up, {args.threads} thread(s), every runner interleaved run by "
+        f"run in one process (llama.cpp F32 / Q8_0 included, so ratios are side by side). Size = the model file "
+        f"(the folder adds `genai_config.json` and the tokenizer, ~3.5 MiB).",
+        "",
+        "| format | runtime | file | size MiB | size / F32 | weights (2-D) | answer ppl | Δ vs F32 | text ppl | Δ vs F32 "
+        "| prefill ms | decode ms | total ms | total / F32 | decode tok/s | same tokens |",
+        "|---|---|---|" + "---:|" * 2 + "---|" + "---:|" * 10,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['runtime']} | `{r['file']}` | {r['bytes'] / 2**20:.1f} | {r['bytes'] / ref['bytes']:.3f} | "
+            f"{r['weights']} | {r['ppl']:.3f} | {pct(r['ppl'], ref['ppl'])} | {r['text_ppl']:.2f} | "
+            f"{pct(r['text_ppl'], ref['text_ppl'])} | {r['prefill_s'] * 1000:.0f} | {r['decode_s'] * 1000:.0f} | "
+            f"{r['total_s'] * 1000:.0f} | {r['total_s'] / ref['total_s']:.2f} | {r['decode_tok_s']:.1f} | "
+            f"{r['same_tokens']}/{args.new_tokens} |")
+    lines += [
+        "",
+        "Notes:",
+        "- `onnx-int4` keeps the projections the adapter changed at int8 (q, v here: the builder fuses q, k, v into "
+        "one MatMul, so that node is 8-bit in every layer); `onnx-int4 plain` (not shipped) quantizes every projection "
+        "to 4 bits, to show what that rule is for. Both keep SmolLM2's tied embedding and LM head as one 4-bit "
+        "matrix; `onnx-int8` keeps the embedding fp32 (the builder's quantized lookup is 4-bit only) and its LM head "
+        "8-bit. Weights are round-to-nearest in blocks of 32 (symmetric); onnxruntime's CPU kernel multiplies with "
+        "int8 activations (accuracy level 4).",
+        "- The base is the packaged SmolLM2 Q4_1 GGUF expanded to fp32, so every 4-bit format rounds most weights a "
+        "second time onto another grid (as GGUF Q4_0 does); llama.cpp Q4_1 alone gives them back exactly.",
+    ]
+    if build_s is not None:
+        lines.append(f"- Build: the merged artifact with these formats took {build_s:.0f} s (the builder runs once per "
+                     "ONNX format in a child process, then each graph is re-saved as one file and checked as a device "
+                     "checks it).")
+    return lines + [""]
+
+
+def onnx_genai_main(args) -> None:
+    """``--onnx-genai-only``: the adapter, one merged artifact (fp32, F32, Q8_0, onnx, onnx-int8, onnx-int4),
+    the plain int4 folder, and the rows of :func:`genai_rows`."""
+    from transformers import AutoTokenizer
+
+    if not genai_available():
+        raise SystemExit(onnx_genai.missing_message(onnx_genai.FORMATS, field="--onnx-genai-only"))
+    if not llamacpp.available():
+        raise SystemExit("--onnx-genai-only compares against llama.cpp F32 / Q8_0: pip install 'fedge[llamacpp]'")
+    torch.set_num_threads(args.threads)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fedge-export-genai-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    train_pairs, held_pairs = split_pairs(args.eval_n)
+    adapter = args.adapter or quick_adapter(work / "adapter", train_pairs, steps=args.steps,
+                                            max_length=args.max_length)
+    keys = generate_keypair(work / "keys", overwrite=True)
+    t0 = time.perf_counter()
+    merged_dir = build_artifact(adapter, work / "merged", base_source=MODEL, private_key=keys.private, mode="merged",
+                                formats=("fp32", "F32", "Q8_0", *onnx_genai.FORMATS), version=1)
+    build_s = time.perf_counter() - t0
+    print(f"artifact built: {build_s:.0f}s", flush=True)
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    folders = {"onnx (fp32)": merged_dir / "genai-fp32", "onnx-int8": merged_dir / "genai-int8",
+               "onnx-int4": merged_dir / "genai-int4", "onnx-int4 plain": plain_int4(merged_dir, work / "plain", tok)}
+    held = [encode_chat(tok, p["prompt"], p["response"], args.max_length) for p in held_pairs]
+    text_ids = [tok(p["prompt"] + " " + p["response"])["input_ids"] for p in held_pairs]
+    prompt_ids = chat_prompt_ids(tok, PROMPT)
+    ggufs = {"F32": merged_dir / "model.F32.gguf", "Q8_0": merged_dir / "model.Q8_0.gguf"}
+    rows = genai_rows(ggufs, folders, held, text_ids, prompt_ids, args)
+    quick = f"quick LoRA r=8 on q,v, {args.steps} steps on chatterbot English"
+    lines = [
+        "# Export benchmark: SmolLM2-135M-Instruct as causal-LM ONNX (onnxruntime-genai) vs GGUF (llama.cpp)",
+        "",
+        f"Generated by `benchmarks/export_bench.py --onnx-genai-only` on {time.strftime('%Y-%m-%d %H:%M')} "
+        f"({platform.machine()}, {os.cpu_count()} cores shared with other work: timings are indicative, ratios come "
+        f"from runs interleaved in one process). Adapter: {'given: ' + str(args.adapter) if args.adapter else quick}. "
+        f"Held-out set: {args.eval_n} chatterbot pairs (max {args.max_length} tokens). *Answer ppl* = exp(mean "
+        f"per-example answer-token loss, chat template; the project's eval metric); *text ppl* = plain-text "
+        f"perplexity of \"prompt response\". Whole run {(time.perf_counter() - t_all) / 60:.1f} min.",
+        "",
+        *genai_lines(rows, args, len(prompt_ids), build_s),
+    ]
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("export_onnx_genai.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -306,8 +556,14 @@ def main() -> None:
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the torch backend on every file")
     ap.add_argument("--workdir", type=Path, help="where artifacts are written (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export.md")
+    ap.add_argument("--onnx-genai-only", action="store_true",
+                    help="only the causal-LM ONNX rows (and llama.cpp F32 / Q8_0 beside them): "
+                         "writes benchmarks/results/export_onnx_genai.md unless --out is given")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
+    if args.onnx_genai_only:
+        onnx_genai_main(args)
+        return
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedge-export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -323,9 +579,13 @@ def main() -> None:
                                             max_length=args.max_length)
     keys = generate_keypair(work / "keys", overwrite=True)
 
+    has_genai = genai_available()
+    if not has_genai:
+        print("onnxruntime-genai does not import: no causal-LM ONNX rows (pip install 'fedge[onnx-genai]')", flush=True)
     t0 = time.perf_counter()
     merged_dir = build_artifact(adapter, work / "merged", base_source=MODEL, private_key=keys.private, mode="merged",
-                                formats=("fp32", "int8") + gguf_types, version=1)
+                                formats=("fp32", "int8") + gguf_types + (onnx_genai.FORMATS if has_genai else ()),
+                                version=1)
     t_merged = time.perf_counter() - t0
     t0 = time.perf_counter()
     adapter_dir = build_artifact(adapter, work / "adapter-art", base_source=MODEL, private_key=keys.private,
@@ -347,6 +607,13 @@ def main() -> None:
         files = {t: merged_dir / f"model.{t}.gguf" for t in ("F32",) + tuple(t for t in gguf_types if t != "F32")}
         files.update(plain_files(merged_dir, work / "plain", tok))
         lrows = llama_cpp_rows(files, held, text_ids, prompt_ids, args)
+    grows = []
+    if has_genai and has_llama:
+        folders = {"onnx (fp32)": merged_dir / "genai-fp32", "onnx-int8": merged_dir / "genai-int8",
+                   "onnx-int4": merged_dir / "genai-int4",
+                   "onnx-int4 plain": plain_int4(merged_dir, work / "plain-genai", tok)}
+        grows = genai_rows({"F32": merged_dir / "model.F32.gguf", "Q8_0": merged_dir / "model.Q8_0.gguf"}, folders,
+                           held, text_ids, prompt_ids, args)
     trows = []
     if args.torch:
         probe = encode_chat(tok, held_pairs[0]["prompt"] + " " + held_pairs[1]["prompt"], held_pairs[0]["response"],
@@ -357,7 +624,7 @@ def main() -> None:
     sizes = {p.name: p.stat().st_size for p in merged_dir.iterdir() if p.is_file()}
     adapter_bytes = {p.name: p.stat().st_size for p in adapter_dir.iterdir() if p.is_file()}
     write_report(args, lrows, trows, sizes, adapter_bytes, len(prompt_ids), t_merged, t_adapter,
-                 time.perf_counter() - t_all)
+                 time.perf_counter() - t_all, grows)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -387,7 +654,8 @@ def goal_lines(lrows) -> list[str]:
     return lines
 
 
-def write_report(args, lrows, trows, sizes, adapter_bytes, prompt_len, t_merged, t_adapter, t_all) -> None:
+def write_report(args, lrows, trows, sizes, adapter_bytes, prompt_len, t_merged, t_adapter, t_all,
+                 grows=()) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -460,6 +728,8 @@ def write_report(args, lrows, trows, sizes, adapter_bytes, prompt_len, t_merged,
         f"whole benchmark {t_all / 60:.1f} min.",
         "",
     ]
+    if grows:
+        lines += genai_lines(grows, args, prompt_len, None)
     if trows:
         tref = trows[0]
         lines += [

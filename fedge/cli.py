@@ -215,7 +215,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_install(args) -> int:
-    from fedge.models import ModelLoadError
     from fedge.runtime.infer import device_base_hash
     from fedge.runtime.store import ArtifactRefused, install, verify_source
 
@@ -228,7 +227,11 @@ def cmd_install(args) -> int:
     except ArtifactRefused as err:
         print(f"fedge: {err} (the installed model is unchanged)", file=sys.stderr)
         return 3
-    except ModelLoadError as err:
+    except Exception as err:
+        # fedge.models imports torch: only adapter artifacts load it (a merged ONNX one installs without torch)
+        models = sys.modules.get("fedge.models")
+        if models is None or not isinstance(err, models.ModelLoadError):
+            raise
         print(f"fedge: cannot load this device's base model to check the artifact against it: {err} "
               "(nothing installed; pass --base)", file=sys.stderr)
         return 3
@@ -492,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=hlp)
         store_arg(sp)
         sp.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp", "onnxruntime"],
-                        help="onnxruntime: ONNX classifiers without PyTorch (auto picks it when torch is absent)")
+                        help="onnxruntime: ONNX classifiers (onnxruntime) and causal LMs (onnxruntime-genai) without "
+                             "PyTorch (auto picks it when torch is absent)")
         if name == "infer":
             g = sp.add_mutually_exclusive_group(required=True)
             g.add_argument("--prompt", help="causal LM: answer this prompt")

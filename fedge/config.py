@@ -227,7 +227,9 @@ class ExportSection(_Section):
     formats: tuple[str, ...] | None = Field(
         None, description="merged mode: GGUF types F32, F16, Q8_0, Q4_1, Q4_0 (Llama models), Q4_K_M, Q5_K_M, "
         "Q6_K (llama.cpp's quantizer: needs the 'llamacpp' extra), and/or int8, fp32 (default: Q8_0 / int8); "
-        "onnx, onnx-int8 for sequence classifiers (ONNX Runtime on devices without PyTorch: the 'onnx' extra).")
+        "onnx, onnx-int8 for sequence classifiers (ONNX Runtime on devices without PyTorch: the 'onnx' extra); "
+        "onnx, onnx-int8, onnx-int4 for Llama causal LMs (onnxruntime-genai's model builder and runtime, no "
+        "PyTorch on the device: the 'onnx-genai' extra).")
     private_key: str | None = Field(
         None, description="Ed25519 signing key (fedge keys generate); default <run_root>/keys/fedge.key, "
         "created on first use (a pilot convenience: production operators bring their own).")
@@ -246,12 +248,13 @@ class ExportSection(_Section):
         from fedge.export.gguf import MODEL_TYPES
         from fedge.export.llamacpp import QUANT_TYPES
         from fedge.export.onnx_export import ONNX_FORMATS
+        from fedge.export.onnx_genai import FORMATS as GENAI_FORMATS
 
-        allowed = (*MODEL_TYPES, *QUANT_TYPES, "int8", "fp32", *ONNX_FORMATS)
+        allowed = tuple(dict.fromkeys((*MODEL_TYPES, *QUANT_TYPES, "int8", "fp32", *ONNX_FORMATS, *GENAI_FORMATS)))
         bad = [f for f in formats or () if f not in allowed]
         if bad:
             raise ValueError(f"unknown format(s) {bad}; allowed: {list(allowed)} (GGUF types need a "
-                             "Llama-architecture model; ONNX a sequence classifier)")
+                             "Llama-architecture model; ONNX a sequence classifier or a Llama causal LM)")
         return formats
 
     @model_validator(mode="after")
@@ -262,10 +265,7 @@ class ExportSection(_Section):
 
             if any(f in llamacpp.QUANT_TYPES for f in self.formats) and not llamacpp.available():
                 raise ValueError(llamacpp.missing_message(self.formats, field="export.formats"))
-            from fedge.export import onnx_export
-
-            if any(f in onnx_export.ONNX_FORMATS for f in self.formats) and onnx_export.missing_modules():
-                raise ValueError(onnx_export.missing_message(self.formats, field="export.formats"))
+        # ONNX formats need the model's task: checked in RunConfig (_onnx_formats).
         return self
 
 
@@ -382,10 +382,7 @@ class RunConfig(_Section):
         if self.train.head_optimizer == "sgd" and self.train.head_lr is None:
             raise ValueError("train.head_optimizer 'sgd' needs train.head_lr (the SGD head's step size; the "
                              "adapter's AdamW lr is not one)")
-        if (self.export.enabled and self.model.task != "sequence-classification"
-                and {"onnx", "onnx-int8"} & set(self.export.formats or ())):
-            raise ValueError("export.formats onnx / onnx-int8 are for model.task sequence-classification "
-                             "(causal LMs ship GGUF)")
+        self._onnx_formats()
         if self.model.pooling == "mean" and self.export.enabled:
             raise ValueError("model.pooling 'mean' changes the classifier's architecture, which artifacts do not "
                              "carry yet: set export.enabled: false (the run keeps its adapter/)")
@@ -401,6 +398,26 @@ class RunConfig(_Section):
             raise ValueError(f"privacy.user_level.delta ({ul.delta:g}) must be < 1/data.num_clients "
                              f"({1.0 / data.num_clients:g}): otherwise one client's data may be released")
         return self
+
+    def _onnx_formats(self) -> None:
+        """ONNX formats by task, before training: classifiers through torch.onnx (the 'onnx' extra), causal
+        LMs through onnxruntime-genai's model builder (the 'onnx-genai' extra, Llama architectures)."""
+        from fedge.export import onnx_export, onnx_genai
+
+        formats = self.export.formats or ()
+        asked = [f for f in formats if f in (*onnx_export.ONNX_FORMATS, *onnx_genai.FORMATS)]
+        if not (self.export.enabled and self.export.mode == "merged" and asked):
+            return
+        if self.model.task == "sequence-classification":
+            if "onnx-int4" in asked:
+                raise ValueError("export.formats onnx-int4 is for model.task causal-lm (onnxruntime-genai); "
+                                 "sequence classifiers ship onnx / onnx-int8")
+            if onnx_export.missing_modules():
+                raise ValueError(onnx_export.missing_message(formats, field="export.formats"))
+            return
+        if onnx_genai.missing_modules():
+            raise ValueError(onnx_genai.missing_message(formats, field="export.formats"))
+        onnx_genai.check_architecture(onnx_genai.architecture_of(self.model.source), field="export.formats")
 
     def signing_key(self) -> Path:
         """The server's Ed25519 private key file (its ``.pub`` is what devices pin)."""

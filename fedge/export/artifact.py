@@ -17,6 +17,10 @@ One directory (see ``fedge.export.manifest`` for the manifest fields)::
         model.onnx, model.int8.onnx "onnx" / "onnx-int8" formats (sequence classifiers): the merged model
                                     as ONNX fp32 / ONNX Runtime dynamic int8, for devices without
                                     PyTorch (needs the optional ``onnx`` extra; fedge.export.onnx_export)
+        genai-fp32/, genai-int8/, genai-int4/   "onnx" / "onnx-int8" / "onnx-int4" formats (causal LMs,
+                                    Llama): onnxruntime-genai's model builder; each folder holds
+                                    model.onnx (self-contained), genai_config.json and the tokenizer
+                                    files (needs the optional ``onnx-genai`` extra; fedge.export.onnx_genai)
         model.safetensors           "fp32" format: merged fp32 weights
         config.json, generation_config.json   for the safetensors formats
         tokenizer.json, tokenizer_config.json, chat_template.jinja, vocab.txt ...   tokenizer
@@ -53,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.export import llamacpp, ollama, onnx_export
+from fedge.export import llamacpp, ollama, onnx_export, onnx_genai
 from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
 from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
@@ -160,7 +164,8 @@ def build_artifact(
     private_key : the signer's Ed25519 PEM private key file.
     mode : "adapter" or "merged".
     formats : merged mode: GGUF types (Llama only; K-quants need llama_cpp) and/or "int8", "fp32";
-        "onnx", "onnx-int8" for sequence classifiers (need the ``onnx`` extra).
+        "onnx", "onnx-int8" for sequence classifiers (need the ``onnx`` extra); "onnx", "onnx-int8",
+        "onnx-int4" for causal LMs of a Llama architecture (need the ``onnx-genai`` extra).
     adapter_gguf : adapter mode: also write adapter.gguf (None: when the model is Llama).
     reference_gguf : GGUF whose tokenizer metadata is copied (default model: the packaged one).
     privacy : privacy spent by the run (None: trained without DP, recorded as null).
@@ -178,8 +183,11 @@ def build_artifact(
     if mode == "merged" and formats:
         try:
             llamacpp.require(formats)  # before loading anything
-            onnx_export.require(formats)
-        except (llamacpp.LlamaCppMissing, onnx_export.OnnxMissing) as err:
+            if task == "sequence-classification":
+                onnx_export.require(formats)
+            else:
+                onnx_genai.require(formats)
+        except (llamacpp.LlamaCppMissing, onnx_export.OnnxMissing, onnx_genai.GenaiMissing) as err:
             raise ArtifactBuildError(str(err)) from None
     if task == "sequence-classification" and num_labels is None:
         num_labels = _num_labels_from_adapter(adapter_dir)
@@ -188,13 +196,15 @@ def build_artifact(
     llama = _is_llama(base.model)
     if formats is None:
         formats = ("Q8_0",) if llama else ("int8",)
+    classifier = task == "sequence-classification"
     allowed = ((MODEL_TYPES + llamacpp.QUANT_TYPES if llama else ()) + OTHER_FORMATS
-               + (onnx_export.ONNX_FORMATS if task == "sequence-classification" else ()))
+               + (onnx_export.ONNX_FORMATS if classifier else onnx_genai.FORMATS if llama else ()))
     bad = [f for f in formats if f not in allowed]
     if mode == "merged" and (bad or not formats):
         raise ArtifactBuildError(f"formats {bad or list(formats)} not possible for this model; allowed: {list(allowed)}"
                                  + ("" if llama else " (GGUF needs a Llama-architecture model)")
-                                 + ("" if task == "sequence-classification" else " (ONNX: sequence classifiers)"))
+                                 + (" (onnx-int4: causal LMs)" if classifier else
+                                    "" if llama else " (ONNX: sequence classifiers, or Llama causal LMs)"))
     if reference_gguf is None and base_source == DEFAULT_MODEL:
         reference_gguf = packaged_reference_gguf()
     peft_model = load_peft_model(base.model, adapter_dir)
@@ -214,7 +224,7 @@ def build_artifact(
                                        base_gguf_sha256=base_gguf_sha)
         else:
             merged = merge_lora(peft_model)
-            quantization.update(_write_merged(merged, base.tokenizer, tmp, formats=formats,
+            quantization.update(_write_merged(merged, base.tokenizer, tmp, formats=formats, task=task,
                                               reference_gguf=reference_gguf,
                                               target_modules=adapter_config.get("target_modules")))
         if version is None:
@@ -268,7 +278,7 @@ def _write_adapter(peft_model, tmp: Path, *, base_source: str, llama: bool, adap
     return out
 
 
-def _write_merged(merged, tokenizer, tmp: Path, *, formats, reference_gguf, target_modules) -> dict[str, str]:
+def _write_merged(merged, tokenizer, tmp: Path, *, formats, task, reference_gguf, target_modules) -> dict[str, str]:
     out: dict[str, str] = {}
     save_tokenizer_files(tokenizer, tmp)
     gguf_kw = dict(reference_gguf=reference_gguf, tokenizer=tokenizer)
@@ -298,9 +308,14 @@ def _write_merged(merged, tokenizer, tmp: Path, *, formats, reference_gguf, targ
             elif fmt == "fp32":
                 save_merged(merged, tmp)
                 out["model.safetensors"] = "fp32"
-        if any(f in onnx_export.ONNX_FORMATS for f in formats):
+        if task == "sequence-classification" and any(f in onnx_export.ONNX_FORMATS for f in formats):
             merged.config.save_pretrained(tmp)  # the ONNX runtime reads max_position_embeddings
             out.update(onnx_export.write_onnx(merged, tmp, formats))
+        elif task == "causal-lm" and any(f in onnx_genai.FORMATS for f in formats):
+            try:
+                out.update(onnx_genai.write_genai(merged, tokenizer, tmp, formats, target_modules=target_modules))
+            except onnx_genai.GenaiExportError as err:
+                raise ArtifactBuildError(str(err)) from None
         ollama.write_modelfile(tmp, tokenizer, version_note="merged mode", merged_files=list(out))
     finally:
         if scratch is not None:

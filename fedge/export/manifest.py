@@ -23,7 +23,8 @@ Fields (``format_version`` 1)::
     adapter_config  dict  LoRA settings (peft_type, r, lora_alpha, target_modules, ...)
     quantization    dict  {file name: format}, e.g. {"model.Q8_0.gguf": "gguf-Q8_0",
                           "model.int8.safetensors": "int8-rowwise", "model.onnx": "onnx-fp32",
-                          "model.int8.onnx": "onnx-int8-dynamic", ...}; non-model files
+                          "model.int8.onnx": "onnx-int8-dynamic",
+                          "genai-int4/model.onnx": "onnx-genai-int4", ...}; non-model files
                           (tokenizer, config, the Ollama Modelfile) are in ``files`` only
     privacy         {epsilon, delta, accountant, unit} | null   (null: trained without DP)
     metrics         dict  final metrics (numbers; non-finite values become null)

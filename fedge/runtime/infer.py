@@ -17,14 +17,18 @@ Backends:
 * ``llama.cpp`` (only when ``llama_cpp`` imports; causal LMs): a merged GGUF, or the
   base GGUF + ``adapter.gguf`` as runtime LoRA (default model: the packaged SmolLM2
   GGUF, checked against the manifest's ``base_model.gguf_sha256``).
-* ``onnxruntime`` (sequence classifiers; the optional ``onnx`` extra): ``model.int8.onnx``,
-  else ``model.onnx`` (``fedge.runtime.ort``). This path imports neither torch nor
-  transformers: a device needs only onnxruntime, tokenizers and numpy to classify.
-  ``LocalModel.compute`` says "onnx-int8" or "onnx-fp32".
+* ``onnxruntime``
+    - sequence classifiers (the optional ``onnx`` extra): ``model.int8.onnx``, else
+      ``model.onnx`` (``fedge.runtime.ort``); ``LocalModel.compute`` says "onnx-int8" or "onnx-fp32";
+    - causal LMs (the optional ``onnx-genai`` extra): onnxruntime-genai over the artifact's
+      ``genai-int8/``, else ``genai-int4/``, else ``genai-fp32/`` folder (``fedge.runtime.ort_genai``);
+      ``LocalModel.compute`` says "onnx-genai-int4" / "-int8" / "-fp32".
+  This path imports neither torch nor transformers: a device needs only onnxruntime (or
+  onnxruntime-genai), tokenizers and numpy.
 
-``auto`` picks llama.cpp when it is importable and usable; for a classifier whose artifact
-holds ONNX, onnxruntime when torch is not installed or the artifact has no file torch loads;
-else torch. torch is imported only by the torch backend.
+``auto`` picks llama.cpp when it is importable and usable; for an artifact holding ONNX (a
+classifier's files or a causal LM's genai folders), onnxruntime when torch is not installed or
+the artifact has no file torch loads; else torch. torch is imported only by the torch backend.
 Every load re-checks the sha256 of every file against the installed manifest
 (the signature was verified at install time by ``fedge.runtime.store``).
 Decoding is greedy (deterministic).
@@ -72,7 +76,8 @@ class LocalModel:
     tokenizer: Any = None
     labels: list[str] | None = None
     files: dict[str, str] = field(default_factory=dict)  # what was loaded, for reports
-    compute: str | None = None  # torch: "fp32" | "int8-dynamic"; onnxruntime: "onnx-fp32" | "onnx-int8"; llama.cpp: None
+    compute: str | None = None  # torch: "fp32" | "int8-dynamic"; onnxruntime: "onnx-fp32" | "onnx-int8" |
+    # "onnx-genai-int4" | "onnx-genai-int8" | "onnx-genai-fp32"; llama.cpp: None
     fallback_from: dict[str, Any] | None = None  # the current version refused at load, when an older one runs
 
     @property
@@ -95,12 +100,16 @@ class LocalModel:
             usage = out.get("usage", {})
             return ChatResult(out["choices"][0]["message"]["content"].strip(), usage.get("prompt_tokens", 0),
                               usage.get("completion_tokens", 0), out["choices"][0].get("finish_reason") or "stop")
+        if self.backend == "onnxruntime":
+            from fedge.runtime.stream import genai_generate
+
+            return genai_generate(self, self._chat_ids(messages), max_new_tokens, None, strip=True)
         return self._torch_chat(messages, max_new_tokens)
 
     @property
     def context_length(self) -> int | None:
         """Most tokens (prompt + answer, or one classified text) the model takes: the
-        model's ``max_position_embeddings`` (torch) or llama.cpp's ``n_ctx``."""
+        model's ``max_position_embeddings`` (torch, onnxruntime) or llama.cpp's ``n_ctx``."""
         if self.backend == "llama.cpp":
             return int(self.model.n_ctx())
         if self.backend == "onnxruntime":
@@ -122,6 +131,8 @@ class LocalModel:
         return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
 
     def _chat_ids(self, messages) -> list[int]:
+        if self.backend == "onnxruntime":
+            return self.model.chat_ids(messages)
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -167,6 +178,14 @@ def torch_available() -> bool:
     """True when torch can be imported here (looked up, not imported)."""
     try:
         return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def onnxruntime_genai_available() -> bool:
+    """True when onnxruntime-genai and tokenizers can be imported (the optional ``onnx-genai`` extra)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime_genai", "tokenizers"))
     except (ImportError, ValueError):
         return False
 
@@ -289,6 +308,7 @@ def load_artifact(
 
 def _auto_backend(artifact_dir: Path, manifest, base_gguf) -> str:
     from fedge.runtime.ort import ONNX_ORDER
+    from fedge.runtime.ort_genai import genai_folders
 
     files, task = set(manifest["files"]), manifest["task"]
     if task == "causal-lm" and llama_cpp_available() and _llama_cpp_plan(artifact_dir, manifest, base_gguf):
@@ -296,14 +316,20 @@ def _auto_backend(artifact_dir: Path, manifest, base_gguf) -> str:
     if task == "sequence-classification" and files & set(ONNX_ORDER) and (
             not torch_available() or not files & set(TORCH_CLASSIFIER_FILES)):
         return "onnxruntime"
+    torch_loads = files & set(TORCH_CLASSIFIER_FILES) or any(f.startswith("model.") and f.endswith(".gguf")
+                                                              for f in files)  # the same files, and GGUF
+    if task == "causal-lm" and genai_folders(files) and (not torch_available() or not torch_loads):
+        return "onnxruntime"
     return "torch"
 
 
 def _load_onnxruntime(artifact_dir: Path, manifest, threads, common) -> LocalModel:
     from fedge.runtime.ort import COMPUTE, ONNX_ORDER, OrtClassifier
 
+    if manifest["task"] == "causal-lm":
+        return _load_genai(artifact_dir, manifest, threads, common)
     if manifest["task"] != "sequence-classification":
-        raise ValueError("the onnxruntime backend runs sequence classifiers only")
+        raise ValueError("the onnxruntime backend runs sequence classifiers and causal LMs only")
     if not onnxruntime_available():
         raise RuntimeError("backend 'onnxruntime' needs onnxruntime and tokenizers: pip install 'fedge[onnx]'")
     files = set(manifest["files"])
@@ -316,6 +342,21 @@ def _load_onnxruntime(artifact_dir: Path, manifest, threads, common) -> LocalMod
     model = OrtClassifier(artifact_dir, onnx_files[0], threads=threads)
     return LocalModel(backend="onnxruntime", model=model, tokenizer=model.tokenizer, compute=COMPUTE[onnx_files[0]],
                       files={"model": onnx_files[0]}, **common)
+
+
+def _load_genai(artifact_dir: Path, manifest, threads, common) -> LocalModel:
+    from fedge.runtime.ort_genai import COMPUTE, MODEL_FILE, GenaiLM, genai_folders
+
+    if not onnxruntime_genai_available():
+        raise RuntimeError("backend 'onnxruntime' runs causal LMs with onnxruntime-genai and tokenizers: "
+                           "pip install 'fedge[onnx-genai]'")
+    folders = genai_folders(manifest["files"])
+    if not folders:
+        raise ArtifactRefused("files", "no onnxruntime-genai folder (genai-int8/, genai-int4/, genai-fp32/ with "
+                                       "model.onnx, genai_config.json and the tokenizer) in this artifact")
+    model = GenaiLM(artifact_dir / folders[0], threads=threads)
+    return LocalModel(backend="onnxruntime", model=model, tokenizer=model, compute=COMPUTE[folders[0]],
+                      files={"model": f"{folders[0]}/{MODEL_FILE}"}, **common)
 
 
 def _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common) -> LocalModel:

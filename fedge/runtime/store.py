@@ -218,6 +218,16 @@ def _check_onnx(path: Path, rel: str) -> None:
         raise ArtifactRefused("format", f"{rel} is not a valid ONNX model ({type(err).__name__})") from None
 
 
+def check_files(directory: str | Path) -> list[str]:
+    """Checks 1 and 8 (file types, then each file's format) on every file under ``directory``; the
+    relative paths. Exporters run them before signing, so that they never write what a device refuses."""
+    directory = Path(directory)
+    files = check_file_types(directory)
+    for rel in files:
+        _check_format(directory / rel, rel)
+    return files
+
+
 def _verified_manifest(data: bytes, sig: bytes, trusted_public_key) -> dict[str, Any]:
     try:
         return verify_manifest_bytes(data, sig, trusted_public_key)

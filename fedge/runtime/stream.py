@@ -11,6 +11,8 @@ template: ``/v1/completions``), streamed or not.
   for the next token). Pieces therefore concatenate to ``tokenizer.decode(answer ids)``.
 * llama.cpp: llama-cpp-python's ``create_chat_completion`` / ``create_completion`` with
   ``stream=True`` (its own incremental detokenizer).
+* onnxruntime (causal LMs, ``fedge.runtime.ort_genai``): onnxruntime-genai's greedy loop, one token per
+  step, through the same streamer as torch (decode all answer tokens so far, pass on the new text).
 
 A chat answer is stripped of leading and trailing whitespace, as ``LocalModel.chat`` strips
 it: :class:`_Stripped` holds whitespace back until non-whitespace follows, so the streamed
@@ -50,8 +52,9 @@ class _Stripped:
             self.pending += text
 
 
-class _TorchStreamer:
-    """What ``model.generate(streamer=)`` calls: ``put`` the prompt ids once, then each new token; ``end``."""
+class _TextStreamer:
+    """What ``model.generate(streamer=)`` calls (and the onnxruntime-genai loop): ``put`` the prompt ids once,
+    then each new token; ``end``. ``tokenizer`` needs ``decode(ids, skip_special_tokens=True)``."""
 
     def __init__(self, tokenizer, on_text: OnText):
         self.tok, self.on_text = tokenizer, on_text
@@ -88,7 +91,7 @@ def torch_generate(model: LocalModel, ids: list[int], max_new_tokens: int, on_te
     prompt = torch.tensor([ids])
     end_ids = stop_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (end_ids[0] if end_ids else 0)
-    streamer = _TorchStreamer(tok, on_text) if on_text is not None else None
+    streamer = _TextStreamer(tok, on_text) if on_text is not None else None
     with torch.no_grad():
         out = model.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_ids or None,
@@ -97,6 +100,25 @@ def torch_generate(model: LocalModel, ids: list[int], max_new_tokens: int, on_te
     stopped = bool(new) and new[-1] in end_ids
     text = tok.decode(new, skip_special_tokens=True)
     return ChatResult(text.strip() if strip else text, prompt.shape[1], len(new),
+                      "stop" if stopped or len(new) < max_new_tokens else "length")
+
+
+def genai_generate(model: LocalModel, ids: list[int], max_new_tokens: int, on_text: OnText | None,
+                   *, strip: bool) -> ChatResult:
+    """Greedy decoding with onnxruntime-genai (``model.model``: a ``fedge.runtime.ort_genai.GenaiLM``), the
+    result and the streamed pieces built exactly as :func:`torch_generate` builds them."""
+    import numpy as np
+
+    lm = model.model
+    streamer = _TextStreamer(lm, on_text) if on_text is not None else None
+    if streamer is not None:
+        streamer.put(np.asarray(ids))  # the prompt, skipped as generate() passes it
+    new, stopped = lm.generate(ids, max_new_tokens,
+                               None if streamer is None else lambda so_far: streamer.put(np.asarray(so_far[-1:])))
+    if streamer is not None:
+        streamer.end()
+    text = lm.decode(new, skip_special_tokens=True)
+    return ChatResult(text.strip() if strip else text, len(ids), len(new),
                       "stop" if stopped or len(new) < max_new_tokens else "length")
 
 
@@ -131,6 +153,8 @@ def chat(model: LocalModel, messages: list[dict[str, str]], *, max_new_tokens: i
                                                     stream=True)
         text, pieces, finish = _llama_stream(chunks, out, "delta")
         return ChatResult(text.strip(), model.prompt_tokens(messages), pieces, finish)
+    if model.backend == "onnxruntime":
+        return genai_generate(model, model._chat_ids(messages), max_new_tokens, out, strip=True)
     return torch_generate(model, model._chat_ids(messages), max_new_tokens, out, strip=True)
 
 
@@ -138,6 +162,8 @@ def prompt_tokens(model: LocalModel, prompt: str) -> int:
     """Tokens of a plain completion prompt as the model sees it (with the tokenizer's BOS)."""
     if model.backend == "llama.cpp":
         return len(model.model.tokenize(prompt.encode(), add_bos=True, special=True))
+    if model.backend == "onnxruntime":
+        return len(model.model.encode(prompt, add_special_tokens=True))
     return len(model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
@@ -156,5 +182,8 @@ def complete(model: LocalModel, prompt: str, *, max_new_tokens: int = 16, on_tex
         chunks = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stream=True)
         text, pieces, finish = _llama_stream(chunks, on_text, "text")
         return ChatResult(text, prompt_tokens(model, prompt), pieces, finish)
+    if model.backend == "onnxruntime":
+        return genai_generate(model, model.model.encode(prompt, add_special_tokens=True), max_new_tokens, on_text,
+                              strip=False)
     ids = model.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return torch_generate(model, list(ids), max_new_tokens, on_text, strip=False)

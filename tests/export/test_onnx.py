@@ -36,7 +36,7 @@ pytest.importorskip("onnxscript")
 
 from export_helpers import CORPUS  # noqa: E402
 
-from fedge.export.artifact import ArtifactBuildError, build_artifact  # noqa: E402
+from fedge.export.artifact import build_artifact  # noqa: E402
 from fedge.export.manifest import read_manifest, write_manifest  # noqa: E402
 from fedge.export.signing import sign_manifest  # noqa: E402
 from fedge.files import sha256_file  # noqa: E402
@@ -311,16 +311,18 @@ def test_verifier_accepts_a_valid_onnx_and_refuses_it_tampered(plain, keys, tmp_
 # -- configuration ---------------------------------------------------------------------------------
 
 
-def test_onnx_formats_are_for_classifiers(llama_base_dir, llama_adapter_dir, keys, tmp_path):
+def test_onnx_formats_by_task(monkeypatch):
     from fedge.config import ConfigError, load
+    from fedge.export import onnx_genai
 
-    # Execute / Assert: the config names the field and the task; the builder refuses before exporting
+    # Execute / Assert: the config names the field and the task; causal LMs' ONNX goes through the
+    # onnx-genai extra (tests/export/test_onnx_genai.py), refused with its install line when it is missing
     assert load("classify", ["export.mode=merged", "export.formats=[onnx,onnx-int8]"]).export.formats == (
         "onnx", "onnx-int8")
-    with pytest.raises(ConfigError, match="export.formats onnx / onnx-int8 are for model.task"):
-        load("default", ["export.mode=merged", "export.formats=[onnx]"])
+    with pytest.raises(ConfigError, match="export.formats onnx-int4 is for model.task causal-lm"):
+        load("classify", ["export.mode=merged", "export.formats=[onnx-int4]"])
     with pytest.raises(ConfigError, match=r"export.formats.*unknown format\(s\) \['onnx8'\]"):
         load("classify", ["export.formats=[onnx8]"])
-    with pytest.raises(ArtifactBuildError, match="ONNX: sequence classifiers"):
-        build_artifact(llama_adapter_dir, tmp_path / "art", base_source=str(llama_base_dir),
-                       private_key=keys.private, mode="merged", formats=("onnx",), version=1)
+    monkeypatch.setattr(onnx_genai, "missing_modules", lambda: ["onnxruntime_genai"])
+    with pytest.raises(ConfigError, match=r"export.formats: \['onnx'\] .*pip install 'fedge\[onnx-genai\]'"):
+        load("default", ["export.mode=merged", "export.formats=[onnx]"])
