@@ -37,10 +37,11 @@ class OnnxMissing(RuntimeError):
     """ONNX formats were asked for but the optional ``onnx`` extra is not installed."""
 
 
-def missing_modules() -> list[str]:
-    """The modules of the ``onnx`` extra that do not import here (find_spec: nothing is imported)."""
+def missing_modules(required: tuple[str, ...] = REQUIRED_MODULES) -> list[str]:
+    """The modules of ``required`` (default: the ``onnx`` extra's) that do not import here
+    (find_spec: nothing is imported)."""
     out = []
-    for name in REQUIRED_MODULES:
+    for name in required:
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):

@@ -55,7 +55,6 @@ The builder knows more (Mistral, Qwen, Phi, Gemma, ...); they are refused until 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -96,15 +95,9 @@ class GenaiMissing(GenaiExportError):
 
 def missing_modules() -> list[str]:
     """The modules the export needs that do not import here (find_spec: nothing is imported)."""
-    out = []
-    for name in REQUIRED_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            out.append(name)
-    return out
+    from fedge.export.onnx_export import missing_modules as unimportable
+
+    return unimportable(REQUIRED_MODULES)
 
 
 def missing_message(formats: Iterable[str], *, field: str = "export.formats") -> str:
