@@ -45,7 +45,9 @@ COLUMNS = ["dataset", "level", "epsilon", "seed", "accuracy", "best_accuracy", "
 SETTINGS = {
     "none": ("reuters", []),
     "central": ("reuters", ["data.num_clients=1", "data.partition=iid", "federation.clients_per_round=1",
-                            "federation.min_replies=1", "train.local_steps=320"]),
+                            "federation.min_replies=1", "train.local_steps=320",
+                            # one client would leave a core idle: it gets both (speed, not the result)
+                            "simulation.client_cpus=2", "simulation.torch_threads=2"]),
     "record": ("dp-record", []),
     "user": ("dp-user", []),
 }
@@ -68,10 +70,9 @@ def level_settings(dataset: str, level: str) -> tuple[str, list[str]]:
         raise SystemExit(f"--dataset {dataset}: only the rows none and central (the DP curve is on reuters-r8)")
     if level == "none":
         return scenario, list(sets)
-    central = [o for o in SETTINGS["central"][1] if not o.startswith("train.local_steps=")]
-    # One client would leave a core idle: it gets both (threads change speed, not the result's meaning).
-    return scenario, [*sets, *central, f"train.local_steps={central_steps}", "simulation.client_cpus=2",
-                      "simulation.torch_threads=2"]
+    central = [o if not o.startswith("train.local_steps=") else f"train.local_steps={central_steps}"
+               for o in SETTINGS["central"][1]]
+    return scenario, [*sets, *central]
 
 
 def parse_rows(spec: str) -> list[tuple[str, float | None]]:
