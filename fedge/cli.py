@@ -215,6 +215,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_install(args) -> int:
+    from fedge.families import ModelLoadError  # torch-free: a merged ONNX artifact installs without torch
     from fedge.runtime.infer import device_base_hash
     from fedge.runtime.store import ArtifactRefused, install, verify_source
 
@@ -227,11 +228,7 @@ def cmd_install(args) -> int:
     except ArtifactRefused as err:
         print(f"fedge: {err} (the installed model is unchanged)", file=sys.stderr)
         return 3
-    except Exception as err:
-        # fedge.models imports torch: only adapter artifacts load it (a merged ONNX one installs without torch)
-        models = sys.modules.get("fedge.models")
-        if models is None or not isinstance(err, models.ModelLoadError):
-            raise
+    except ModelLoadError as err:
         print(f"fedge: cannot load this device's base model to check the artifact against it: {err} "
               "(nothing installed; pass --base)", file=sys.stderr)
         return 3

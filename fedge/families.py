@@ -25,6 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+
+class ModelLoadError(RuntimeError):
+    """The base model cannot be loaded; the message says what to do instead. Here, beside the
+    architectures, because this module imports no torch (``fedge.models`` re-exports it)."""
+
+
 _TARGETS: dict[str, tuple[str, ...]] = {}
 
 

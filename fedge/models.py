@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedge.families import ModelLoadError  # defined torch-free: fedge install catches it without torch
 from fedge.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ PACKAGED = {
 }
 # Heads created fresh by AutoModelFor*Classification: trained, exchanged, not hashed.
 HEAD_PREFIXES = ("classifier.", "score.")
-
-
-class ModelLoadError(RuntimeError):
-    """The base model cannot be loaded; the message says what to do instead."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.export.manifest import ManifestError, read_manifest
+from fedge.export.onnx_export import missing_modules  # find_spec only: imports nothing optional
 from fedge.files import sha256_file
 from fedge.runtime.store import VERSIONS, ArtifactRefused, current, current_dir, installed_versions
 
@@ -184,18 +185,12 @@ def torch_available() -> bool:
 
 def onnxruntime_genai_available() -> bool:
     """True when onnxruntime-genai and tokenizers can be imported (the optional ``onnx-genai`` extra)."""
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime_genai", "tokenizers"))
-    except (ImportError, ValueError):
-        return False
+    return not missing_modules(("onnxruntime_genai", "tokenizers"))
 
 
 def onnxruntime_available() -> bool:
     """True when onnxruntime and tokenizers can be imported (the optional ``onnx`` extra)."""
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
-    except (ImportError, ValueError):
-        return False
+    return not missing_modules(("onnxruntime", "tokenizers"))
 
 
 def llama_cpp_available() -> bool:
