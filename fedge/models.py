@@ -179,7 +179,9 @@ class MaskedMeanPooler(torch.nn.Module):
     Shapes: hidden (B, T, H), mask (B, T) -> (B, H). Parameter-free, and each output row
     depends on its own example only (so Opacus' per-example gradients stay per example).
     The mask of the current call is captured by a pre-hook on the encoder, because HF's
-    pooler is called with the hidden states alone.
+    pooler is called with the hidden states alone, and dropped when the encoder returns (so
+    ``torch.export`` traces it as the graph's ``attention_mask`` input and the module keeps no
+    tensor of a past call).
     """
 
     def __init__(self) -> None:
@@ -211,7 +213,11 @@ def use_mean_pooling(model: torch.nn.Module) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         pooler.mask = mask
 
+    def release(*_):
+        pooler.mask = None
+
     enc.register_forward_pre_hook(capture, with_kwargs=True)
+    enc.register_forward_hook(release, always_call=True)
 
 
 QUANTIZE = ("none", "8bit", "4bit")
