@@ -53,7 +53,8 @@ def build(cfg: fcfg.RunConfig, run_dir: Path, *, privacy: dict, metrics: dict, l
     version = next_version(key.parent / "artifact-version")
     return build_artifact(run_dir / "adapter", run_dir / "artifacts" / f"v{version}", base_source=cfg.model.source,
                           private_key=key, mode=cfg.export.mode, task=cfg.model.task,
-                          labels=list(labels) if labels else None, formats=cfg.export.formats, version=version,
+                          labels=list(labels) if labels else None, pooling=cfg.model.pooling,
+                          formats=cfg.export.formats, version=version,
                           privacy=privacy_spent(privacy), metrics=metrics, cache_dir=cfg.model.cache_dir)
 
 

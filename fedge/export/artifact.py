@@ -59,7 +59,7 @@ import numpy as np
 
 from fedge.export import llamacpp, ollama, onnx_export, onnx_genai
 from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
-from fedge.export.manifest import PrivacySpent, build_manifest, read_manifest, write_manifest
+from fedge.export.manifest import POOLINGS, PrivacySpent, build_manifest, read_manifest, write_manifest
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
 from fedge.export.signing import fingerprint, load_private_key, sign_manifest
 from fedge.files import is_safe_relpath, sha256_file
@@ -145,6 +145,7 @@ def build_artifact(
     task: str = "causal-lm",
     num_labels: int | None = None,
     labels: list[str] | None = None,
+    pooling: str = "cls",
     formats: tuple[str, ...] | list[str] | None = None,
     adapter_gguf: bool | None = None,
     reference_gguf: str | Path | None = None,
@@ -163,6 +164,9 @@ def build_artifact(
     base_source : the base model id the run trained on (``fedge.models.load_base`` source).
     private_key : the signer's Ed25519 PEM private key file.
     mode : "adapter" or "merged".
+    pooling : what the classifier's head reads, as trained (``model.pooling``): "cls" or "mean"
+        (:func:`fedge.models.use_mean_pooling`). Recorded in the manifest; every runtime rebuilds it
+        (the ONNX graph computes the masked mean itself).
     formats : merged mode: GGUF types (Llama only; K-quants need llama_cpp) and/or "int8", "fp32";
         "onnx", "onnx-int8" for sequence classifiers (need the ``onnx`` extra); "onnx", "onnx-int8",
         "onnx-int4" for causal LMs of a Llama architecture (need the ``onnx-genai`` extra).
@@ -179,6 +183,9 @@ def build_artifact(
         raise ArtifactBuildError(f"{out_dir} exists and is not empty")
     if isinstance(privacy, Mapping):
         privacy = PrivacySpent(**privacy)
+    if pooling not in POOLINGS or (pooling == "mean" and task != "sequence-classification"):
+        raise ArtifactBuildError(f"pooling must be one of {list(POOLINGS)} ('mean': sequence-classification "
+                                 f"only), got {pooling!r} for task {task!r}")
     key = load_private_key(private_key, password=key_password)
     if mode == "merged" and formats:
         try:
@@ -192,7 +199,7 @@ def build_artifact(
     if task == "sequence-classification" and num_labels is None:
         num_labels = _num_labels_from_adapter(adapter_dir)
 
-    base = load_base(base_source, task=task, num_labels=num_labels, cache_dir=cache_dir)
+    base = load_base(base_source, task=task, num_labels=num_labels, cache_dir=cache_dir, pooling=pooling)
     llama = _is_llama(base.model)
     if formats is None:
         formats = ("Q8_0",) if llama else ("int8",)
@@ -237,7 +244,7 @@ def build_artifact(
         manifest = build_manifest(
             tmp, version=version, mode=mode, task=task, base_model_id=base_source, base_hash=base.hash,
             signer=fingerprint(key.public_key()), adapter_config=adapter_config, quantization=quantization,
-            privacy=privacy, metrics=metrics, labels=labels, base_gguf_sha256=base_gguf_sha,
+            privacy=privacy, metrics=metrics, labels=labels, pooling=pooling, base_gguf_sha256=base_gguf_sha,
         )
         write_manifest(tmp, manifest)
         sign_manifest(tmp, key)

@@ -29,6 +29,9 @@ Fields (``format_version`` 1)::
     privacy         {epsilon, delta, accountant, unit} | null   (null: trained without DP)
     metrics         dict  final metrics (numbers; non-finite values become null)
     labels          list[str] | null   class names (classification)
+    pooling         str | null   what a classifier's head reads: "cls" (the model's own pooler) or
+                          "mean" (masked mean of the last hidden states, fedge.models.use_mean_pooling);
+                          null for causal LMs. Absent in older manifests: read as "cls" (:func:`pooling_of`)
     signer          str   sha256 fingerprint of the signer's raw Ed25519 public key
     files           {relative path: {"sha256": hex, "size": bytes}}   every payload file
                           (every file except manifest.json and manifest.sig)
@@ -50,6 +53,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODES = ("adapter", "merged")
+POOLINGS = ("cls", "mean")
 
 
 class ManifestError(ValueError):
@@ -131,6 +135,7 @@ def build_manifest(
     privacy: PrivacySpent | Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     labels: list[str] | None = None,
+    pooling: str = "cls",
     base_gguf_sha256: str | None = None,
     created: datetime | None = None,
 ) -> dict[str, Any]:
@@ -139,6 +144,7 @@ def build_manifest(
         raise ManifestError(f"version must be an integer >= 1, got {version!r}")
     if mode not in MODES:
         raise ManifestError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    _check_pooling(pooling, task)
     if isinstance(privacy, Mapping):
         privacy = PrivacySpent(**privacy)
     files = file_entries(artifact_dir)
@@ -161,6 +167,7 @@ def build_manifest(
         "privacy": asdict(privacy) if privacy is not None else None,
         "metrics": dict(metrics or {}),
         "labels": list(labels) if labels is not None else None,
+        "pooling": pooling if task == "sequence-classification" else None,
         "signer": signer,
         "files": files,
     })
@@ -196,6 +203,8 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
                             f"(this runtime reads {FORMAT_VERSION})")
     if manifest["mode"] not in MODES:
         raise ManifestError(f"manifest mode {manifest['mode']!r} is not one of {list(MODES)}")
+    if manifest.get("pooling") is not None:
+        _check_pooling(manifest["pooling"], manifest["task"])
     for rel, entry in manifest["files"].items():
         if not is_safe_relpath(rel):
             raise ManifestError(f"manifest lists an unsafe path {rel!r}")
@@ -203,6 +212,20 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
                 and isinstance(entry.get("size"), int)):
             raise ManifestError(f"manifest entry for {rel!r} needs sha256 and size")
     return manifest
+
+
+def _check_pooling(pooling: Any, task: Any) -> None:
+    if pooling not in POOLINGS:
+        raise ManifestError(f"manifest field 'pooling' must be one of {list(POOLINGS)}, got {pooling!r} "
+                            "(an artifact from a newer fedge? this runtime cannot rebuild that classifier)")
+    if pooling == "mean" and task != "sequence-classification":
+        raise ManifestError(f"manifest field 'pooling' 'mean' is for task sequence-classification, not {task!r}")
+
+
+def pooling_of(manifest: Mapping[str, Any]) -> str:
+    """The classifier's pooling (``"cls"`` | ``"mean"``): ``"cls"`` when the field is absent
+    (artifacts from before it was recorded) or null (causal LMs)."""
+    return str(manifest.get("pooling") or "cls")
 
 
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:

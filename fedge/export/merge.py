@@ -276,19 +276,48 @@ def _swap_int8_linear(model: torch.nn.Module, raw: Mapping[str, np.ndarray], red
     return len(swaps)
 
 
+def _from_config(model_dir: Path, task: str, pooling: str) -> torch.nn.Module:
+    """The architecture of ``model_dir/config.json`` (fresh weights), mean-pooled when ``pooling`` says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)
+    if pooling == "mean":
+        from fedge.models import use_mean_pooling
+
+        use_mean_pooling(model)  # no pooler weights: the merged model was saved without them
+    return model
+
+
+def load_merged_model(model_dir: str | Path, *, task: str, pooling: str = "cls"):
+    """The fp32 merged model of ``model_dir`` (``model.safetensors``, strict), in eval mode.
+
+    ``pooling="mean"``: the classifier reads the masked mean of the last hidden states
+    (:func:`fedge.models.use_mean_pooling`), as it was trained; its file holds no pooler."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_dir = Path(model_dir)
+    if pooling == "cls":
+        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from safetensors.torch import load_file
+
+    model = _from_config(model_dir, task, pooling)
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+    return model.eval()
+
+
 def load_int8_model(model_dir: str | Path, *, file: str = "model.int8.safetensors", task: str,
-                    int8_linear: bool = False):
+                    int8_linear: bool = False, pooling: str = "cls"):
     """Build the model from ``config.json`` and load the int8 file (strict).
 
     ``int8_linear``: run the int8-stored Linear layers as torch dynamic-quantized Linear
     (module docstring); otherwise (or when torch lacks the kernels) dequantize to fp32.
+    ``pooling="mean"``: a mean-pooled classifier (:func:`load_merged_model`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    model = auto.from_config(config, dtype=torch.float32)
+    model = _from_config(model_dir, task, pooling)
     raw = _read_int8(model_dir / file)
     state = _dequantized(raw)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -5,7 +5,10 @@ Graph: ``logits = f(input_ids, attention_mask[, token_type_ids])``, all inputs i
 (batch, sequence), output float32 (batch, num_labels); batch and sequence are dynamic
 (sequence ≤ ``max_position_embeddings``). Exported with ``torch.onnx.export(..., dynamo=True)``
 (the ``torch.export`` tracer + onnxscript; needs the optional ``onnx`` extra), weights inside the
-file (no external data: one signed file, no path it could point elsewhere with).
+file (no external data: one signed file, no path it could point elsewhere with). A mean-pooled
+classifier (manifest ``pooling: mean``, ``fedge.models.use_mean_pooling``) computes its masked
+mean inside the graph from the ``attention_mask`` input (the encoder's pre-hook hands the traced
+mask to the pooler), so the runtime feeds it as any other.
 
 int8 (``onnx-int8``): ``onnxruntime.quantization.quantize_dynamic`` over the fp32 file, weights
 ``QInt8`` per tensor, symmetric: every MatMul/Gemm weight W becomes q = round(W / s), s = max|W| / 127;

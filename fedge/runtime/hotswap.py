@@ -12,9 +12,9 @@ JSON read). A version other than the one served, and not refused before, is load
 watcher's thread while the old model keeps serving:
 
 * **adapter → adapter on the same base** (the manifest's ``base_model.sha256`` /
-  ``gguf_sha256`` equal the served one's; same LoRA layers): only the adapter is read.
-  torch: the merged weights of the adapted layers are rebuilt from the base weights W0
-  (kept once, from the base the server verified) as PEFT merges them,
+  ``gguf_sha256`` and classifier ``pooling`` equal the served one's; same LoRA layers):
+  only the adapter is read. torch: the merged weights of the adapted layers are rebuilt from
+  the base weights W0 (kept once, from the base the server verified) as PEFT merges them,
   ``W = W0 + transpose(B @ A) * scaling`` with ``scaling = alpha / r``
   (``alpha / sqrt(r)`` with rsLoRA), so the result equals a fresh load bit for bit;
   trained heads (``modules_to_save``) are copied. llama.cpp: ``llama_adapter_lora_init``
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.export.manifest import ManifestError, read_manifest
+from fedge.export.manifest import ManifestError, pooling_of, read_manifest
 from fedge.runtime.infer import LocalModel, check_hashes, load_artifact
 from fedge.runtime.store import VERSIONS, ArtifactRefused, current
 
@@ -152,7 +152,8 @@ class _TorchBase:
 
         manifest = model.manifest
         num_labels = (len(manifest.get("labels") or []) or 2) if model.task == "sequence-classification" else None
-        base = load_base(model.files["base"], task=model.task, num_labels=num_labels, cache_dir=cache_dir)
+        base = load_base(model.files["base"], task=model.task, num_labels=num_labels, cache_dir=cache_dir,
+                         pooling=pooling_of(manifest))
         if base.hash != manifest["base_model"]["sha256"]:
             raise ArtifactRefused("base-hash", "the base on this device changed since the server started")
         with safe_open(str(artifact_dir / ADAPTER_FILE), framework="pt") as f:
@@ -234,7 +235,7 @@ def _relabel(model: LocalModel, manifest: dict[str, Any]) -> None:
 
 def _same_base(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keys = ("id", "sha256", "gguf_sha256")
-    return (a["mode"] == b["mode"] == "adapter" and a["task"] == b["task"]
+    return (a["mode"] == b["mode"] == "adapter" and a["task"] == b["task"] and pooling_of(a) == pooling_of(b)
             and all(a["base_model"].get(k) == b["base_model"].get(k) for k in keys))
 
 

@@ -14,6 +14,9 @@ Backends:
       (``fedge.export.merge``; ~3-4× faster than fp32 on CPU for MiniLM-L6); a causal
       LM's, or any with ``int8_compute=False``, is dequantized to fp32.
       ``LocalModel.compute`` says which: "int8-dynamic" or "fp32".
+    - classifiers: the head reads what the manifest's ``pooling`` says, as in training
+      ("cls": the model's pooler; "mean": the masked mean of the last hidden states,
+      ``fedge.models.use_mean_pooling``; an ONNX graph computes it inside).
 * ``llama.cpp`` (only when ``llama_cpp`` imports; causal LMs): a merged GGUF, or the
   base GGUF + ``adapter.gguf`` as runtime LoRA (default model: the packaged SmolLM2
   GGUF, checked against the manifest's ``base_model.gguf_sha256``).
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.export.manifest import ManifestError, read_manifest
+from fedge.export.manifest import ManifestError, pooling_of, read_manifest
 from fedge.export.onnx_export import missing_modules  # find_spec only: imports nothing optional
 from fedge.files import sha256_file
 from fedge.runtime.store import VERSIONS, ArtifactRefused, current, current_dir, installed_versions
@@ -215,7 +218,8 @@ def device_base_hash(manifest: dict[str, Any], *, base_source: str | None = None
     ``fedge.models.base_hash`` of the base loaded from ``base_source`` (default: the
     manifest's ``base_model.id``); the store refuses the artifact when it differs from
     the manifest's ``base_model.sha256``. Classifier heads are not hashed, so any
-    label count loads the same hash.
+    label count loads the same hash; a mean-pooled classifier's base (manifest ``pooling``) has
+    no CLS pooler, so it is loaded mean-pooled.
     """
     if manifest["mode"] != "adapter":
         return None
@@ -224,7 +228,7 @@ def device_base_hash(manifest: dict[str, Any], *, base_source: str | None = None
     task = manifest["task"]
     num_labels = (len(manifest.get("labels") or []) or 2) if task == "sequence-classification" else None
     return load_base(base_source or manifest["base_model"]["id"], task=task, num_labels=num_labels,
-                     cache_dir=cache_dir).hash
+                     cache_dir=cache_dir, pooling=pooling_of(manifest)).hash
 
 
 def load_installed(store_dir: str | Path, *, fallback: bool = True, **kwargs) -> LocalModel:
@@ -298,7 +302,8 @@ def load_artifact(
         torch.set_num_threads(threads)
     if manifest["mode"] == "adapter":
         return _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common)
-    return _load_torch_merged(artifact_dir, files, task, common, int8_compute=int8_compute)
+    return _load_torch_merged(artifact_dir, files, task, common, int8_compute=int8_compute,
+                              pooling=pooling_of(manifest))
 
 
 def _auto_backend(artifact_dir: Path, manifest, base_gguf) -> str:
@@ -365,7 +370,7 @@ def _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common) 
 
         num_labels = len(manifest["labels"]) if manifest.get("labels") else _num_labels_from_adapter(artifact_dir)
     base = load_base(base_source or manifest["base_model"]["id"], task=task, num_labels=num_labels,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, pooling=pooling_of(manifest))
     if base.hash != manifest["base_model"]["sha256"]:
         raise ArtifactRefused("base-hash", f"local base {base.hash[:16]}… differs from the artifact's base "
                                            f"{manifest['base_model']['sha256'][:16]}…")
@@ -375,19 +380,17 @@ def _load_torch_adapter(artifact_dir, manifest, base_source, cache_dir, common) 
 
 
 def _load_torch_merged(artifact_dir: Path, files: set[str], task: str, common, *,
-                       int8_compute: bool = True) -> LocalModel:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+                       int8_compute: bool = True, pooling: str = "cls") -> LocalModel:
+    from transformers import AutoTokenizer
 
     from fedge.export.gguf import load_gguf_causal_lm
-    from fedge.export.merge import int8_linear_names, load_int8_model
+    from fedge.export.merge import int8_linear_names, load_int8_model, load_merged_model
 
     ggufs = [f"model.{t}.gguf" for t in TORCH_GGUF_ORDER if f"model.{t}.gguf" in files]
     if "model.safetensors" in files:
-        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-        model, used = auto.from_pretrained(artifact_dir, dtype=torch.float32).eval(), "model.safetensors"
+        model, used = load_merged_model(artifact_dir, task=task, pooling=pooling), "model.safetensors"
     elif "model.int8.safetensors" in files:
-        model = load_int8_model(artifact_dir, task=task,
+        model = load_int8_model(artifact_dir, task=task, pooling=pooling,
                                 int8_linear=int8_compute and task == "sequence-classification")
         used = "model.int8.safetensors"
     elif ggufs and task == "causal-lm":
