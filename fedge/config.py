@@ -47,7 +47,8 @@ class ModelSection(_Section):
     pooling: Literal["cls", "mean"] = Field(
         "cls", description="sequence-classification: what the head reads: 'cls' (the model's own pooler) or "
         "'mean' (masked mean of the last hidden states: how sentence-embedding encoders such as MiniLM were "
-        "trained; its features vary ~4x more across inputs, which DP-SGD needs). BERT-style encoders only.")
+        "trained; its features vary ~4x more across inputs, which DP-SGD needs). BERT-style encoders only. "
+        "Exported artifacts record it (manifest 'pooling') and every device runtime applies it.")
     cache_dir: str | None = Field(
         None, description="Where converted base models are cached (default ~/.cache/fedge)."
     )
@@ -383,9 +384,6 @@ class RunConfig(_Section):
             raise ValueError("train.head_optimizer 'sgd' needs train.head_lr (the SGD head's step size; the "
                              "adapter's AdamW lr is not one)")
         self._onnx_formats()
-        if self.model.pooling == "mean" and self.export.enabled:
-            raise ValueError("model.pooling 'mean' changes the classifier's architecture, which artifacts do not "
-                             "carry yet: set export.enabled: false (the run keeps its adapter/)")
         if self.strategy.name == "fedex-lora" and self.export.enabled:
             raise ValueError("strategy fedex-lora serves W0 + s·(B A + R): its residual R is not part of a "
                              "LoRA adapter artifact yet; set export.enabled: false (the run keeps "

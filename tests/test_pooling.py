@@ -70,11 +70,13 @@ def test_mean_pooling_is_another_base_and_dp_sgd_trains_it(bert_dir, torch_one_t
 def test_pooling_config_refusals():
     base = ["model.source=minilm-l6", "model.task=sequence-classification", "data.source=chatterbot-language-id",
             "model.pooling=mean"]
-    with pytest.raises(fcfg.ConfigError, match="export.enabled: false"):
-        fcfg.load("default", base)
     with pytest.raises(fcfg.ConfigError, match="sequence-classification"):
         fcfg.load("default", ["model.pooling=mean", "export.enabled=false"])
-    assert fcfg.load("default", [*base, "export.enabled=false"]).model.pooling == "mean"
+    # artifacts record the pooling (tests/export/test_mean_pooling_artifact.py): mean exports
+    cfg = fcfg.load("default", base)
+    assert cfg.model.pooling == "mean" and cfg.export.enabled
+    classify = fcfg.load("classify")
+    assert classify.model.pooling == "mean" and classify.export.enabled
 
 
 def test_head_lr_scales_only_the_head_step_under_dp_sgd(bert_dir, torch_one_thread):
