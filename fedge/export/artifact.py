@@ -59,7 +59,14 @@ import numpy as np
 
 from fedge.export import llamacpp, ollama, onnx_export, onnx_genai
 from fedge.export.gguf import MODEL_TYPES, GGUFExportError, adapted_tensor_names, write_adapter_gguf, write_model_gguf
-from fedge.export.manifest import POOLINGS, PrivacySpent, build_manifest, read_manifest, write_manifest
+from fedge.export.manifest import (
+    ManifestError,
+    PrivacySpent,
+    build_manifest,
+    check_pooling,
+    read_manifest,
+    write_manifest,
+)
 from fedge.export.merge import load_peft_model, merge_lora, save_int8, save_merged, save_tokenizer_files
 from fedge.export.signing import fingerprint, load_private_key, sign_manifest
 from fedge.files import is_safe_relpath, sha256_file
@@ -183,9 +190,10 @@ def build_artifact(
         raise ArtifactBuildError(f"{out_dir} exists and is not empty")
     if isinstance(privacy, Mapping):
         privacy = PrivacySpent(**privacy)
-    if pooling not in POOLINGS or (pooling == "mean" and task != "sequence-classification"):
-        raise ArtifactBuildError(f"pooling must be one of {list(POOLINGS)} ('mean': sequence-classification "
-                                 f"only), got {pooling!r} for task {task!r}")
+    try:
+        check_pooling(pooling, task)
+    except ManifestError as err:
+        raise ArtifactBuildError(str(err)) from None
     key = load_private_key(private_key, password=key_password)
     if mode == "merged" and formats:
         try:

@@ -8,9 +8,11 @@
 bytes that ``manifest.sig`` signs. A verifier checks the signature over the raw
 file bytes, then parses them and refuses a file that is not canonical.
 
-Fields (``format_version`` 1)::
+Fields::
 
-    format_version  int   1
+    format_version  int   1, or 2 for a mean-pooled classifier (``pooling`` "mean"): a runtime
+                          that predates the field reads only 1, so it refuses such an artifact
+                          (and keeps its model) instead of running it through a fresh CLS pooler
     version         int   artifact version; strictly increasing per signer (no rollback)
     created         str   UTC time, ISO 8601 ("2026-11-25T18:20:54Z")
     mode            str   "adapter" (LoRA adapter for a base the device already has)
@@ -50,6 +52,8 @@ from typing import Any
 from fedge.files import is_safe_relpath, sha256_file
 
 FORMAT_VERSION = 1
+FORMAT_VERSION_POOLING = 2  # the manifest's ``pooling`` must be honoured to run the model
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_VERSION_POOLING)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODES = ("adapter", "merged")
@@ -144,7 +148,7 @@ def build_manifest(
         raise ManifestError(f"version must be an integer >= 1, got {version!r}")
     if mode not in MODES:
         raise ManifestError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    _check_pooling(pooling, task)
+    check_pooling(pooling, task)
     if isinstance(privacy, Mapping):
         privacy = PrivacySpent(**privacy)
     files = file_entries(artifact_dir)
@@ -156,7 +160,7 @@ def build_manifest(
         raise ManifestError(f"quantization names files that are not in the artifact: {unknown}")
     created = (created or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return _clean_number({
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION_POOLING if pooling == "mean" else FORMAT_VERSION,
         "version": version,
         "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "mode": mode,
@@ -198,13 +202,18 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     for key, typ in REQUIRED.items():
         if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool) and typ is int:
             raise ManifestError(f"manifest field {key!r} is missing or not a {typ.__name__}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_FORMATS:
         raise ManifestError(f"manifest format_version {manifest['format_version']} is not supported "
-                            f"(this runtime reads {FORMAT_VERSION})")
+                            f"(this runtime reads {list(READABLE_FORMATS)})")
     if manifest["mode"] not in MODES:
         raise ManifestError(f"manifest mode {manifest['mode']!r} is not one of {list(MODES)}")
     if manifest.get("pooling") is not None:
-        _check_pooling(manifest["pooling"], manifest["task"])
+        check_pooling(manifest["pooling"], manifest["task"])
+    # Format 2 exists only to say "mean pooling": one without it is broken. (Format 1 with mean
+    # pooling was written between the field and the version bump; this runtime honours it.)
+    if manifest["format_version"] == FORMAT_VERSION_POOLING and manifest.get("pooling") != "mean":
+        raise ManifestError(f"manifest format_version {FORMAT_VERSION_POOLING} is for mean pooling, but "
+                            f"field 'pooling' is {manifest.get('pooling')!r}")
     for rel, entry in manifest["files"].items():
         if not is_safe_relpath(rel):
             raise ManifestError(f"manifest lists an unsafe path {rel!r}")
@@ -214,7 +223,8 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _check_pooling(pooling: Any, task: Any) -> None:
+def check_pooling(pooling: Any, task: Any) -> None:
+    """Refuse a pooling that is unknown, or ``"mean"`` for anything but a classifier."""
     if pooling not in POOLINGS:
         raise ManifestError(f"manifest field 'pooling' must be one of {list(POOLINGS)}, got {pooling!r} "
                             "(an artifact from a newer fedge? this runtime cannot rebuild that classifier)")

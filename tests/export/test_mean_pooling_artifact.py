@@ -230,3 +230,29 @@ def test_unknown_pooling_is_refused_naming_the_field(artifacts, bert_adapter_dir
     with pytest.raises(ArtifactBuildError, match="pooling"):
         build_artifact(bert_adapter_dir, tmp_path / "never", base_source=str(bert_base_dir),
                        private_key=keys.private, task="sequence-classification", pooling="max", version=1)
+
+
+def test_runtime_older_than_the_field_refuses_a_mean_artifact_and_keeps_its_model(artifacts, keys, tmp_path,
+                                                                                    monkeypatch):
+    # Prepare: a device that runs the CLS artifact; a runtime from before `pooling` reads format 1 only
+    # (its parser compared format_version with 1), so it would rebuild a fresh CLS pooler under a
+    # mean-pooled fp32 file: the builder marks such artifacts as format 2 to be refused there.
+    from fedge.export import manifest as manifest_mod
+
+    store = tmp_path / "store"
+    install(artifacts["cls"], store_dir=store, trusted_public_key=keys.public_pem)
+    before = runtime_logits(load_installed(store, backend="torch"), texts())
+    assert read_manifest(artifacts["cls"])["format_version"] == 1
+    assert read_manifest(artifacts["fp32"])["format_version"] == 2
+    monkeypatch.setattr(manifest_mod, "READABLE_FORMATS", (1,))
+    # Execute / Assert: the old reader refuses the mean-pooled fp32 artifact for its manifest; the old model stays
+    with pytest.raises(ArtifactRefused) as info:
+        install(artifacts["fp32"], store_dir=store, trusted_public_key=keys.public_pem)
+    assert info.value.reason == "manifest" and "format_version 2 is not supported" in str(info.value)
+    np.testing.assert_array_equal(runtime_logits(load_installed(store, backend="torch"), texts()), before)
+
+
+def test_format_2_without_mean_pooling_is_refused(artifacts):
+    m = read_manifest(artifacts["cls"])
+    with pytest.raises(ManifestError, match="format_version 2 is for mean pooling"):
+        parse_manifest(canonical_bytes(dict(m, format_version=2)))
