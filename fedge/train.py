@@ -100,6 +100,40 @@ def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float | None = N
     return [{"params": [p for n, p in named if not is_head(n)], "lr": lr}, {"params": head, "lr": head_lr}]
 
 
+def frozen_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The one module holding every trainable parameter when only the task head trains, else None.
+
+    peft wraps a classifier's head in a ``ModulesToSaveWrapper`` (its trainable copy under
+    ``modules_to_save``): when nothing else trains (head-only, a linear probe), the head's
+    input is a fixed function of each example, so it can be computed once
+    (:func:`head_features`) instead of at every step."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named or not all(is_head(n) for n, _ in named):
+        return None
+    owners = {n.split(".modules_to_save.", 1)[0] for n, _ in named}
+    if len(owners) != 1:  # a head of several modules (e.g. pre_classifier + classifier): no single input
+        return None
+    return model.get_submodule(owners.pop())
+
+
+@torch.no_grad()
+def head_features(model, head: torch.nn.Module, examples: list[dict], *, task: str, pad_id: int,
+                  batch_size: int = 64) -> torch.Tensor:
+    """The head's input for every example, shape (n, d), in eval mode (no dropout): what the frozen
+    encoder (and pooler) feeds the head. One forward pass per example instead of one per step."""
+    got: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach()))
+    device = model_device(model)
+    model.eval()
+    try:
+        for s in range(0, len(examples), batch_size):
+            batch = to_device(collate(examples[s:s + batch_size], task=task, pad_id=pad_id), device)
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        hook.remove()
+    return torch.cat(got)
+
+
 HEAD_MOMENTUM = 0.9  # heavy-ball momentum of the SGD head (train.head_optimizer: sgd)
 
 

@@ -32,16 +32,17 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedge.data.tokenize import collate
 from fedge.devices import model_device, to_device
 from fedge.privacy import accounting
-from fedge.train import make_optimizer, per_example_loss
+from fedge.train import frozen_head, head_features, make_optimizer, per_example_loss
 
 # Context-state keys of the accountant history (one ConfigRecord, three parallel lists).
 HISTORY_NOISE = "dp-history-noise"
@@ -124,12 +125,15 @@ def dp_sgd_steps(
     expected_batch_size: float,
     generator: torch.Generator | None,
     max_physical_batch: int | None = None,
+    losses_of: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run one DP-SGD step per index batch; no accounting, no checks (use :func:`train_local_dp`).
 
     ``noise_multiplier`` may be 0 here only so that tests can compare the clipping
     against a slow per-example loop. Batches go to the model's device; ``generator``
     must live there too (Opacus draws the noise on the parameters' device).
+    ``losses_of(indices)`` -> ℓ_i of those examples, shape (len(indices),), computed through
+    ``model`` (default: collate the examples and run :func:`fedge.train.per_example_loss`).
     """
     from opacus.grad_sample import GradSampleHooks
     from opacus.optimizers import DPOptimizer
@@ -140,6 +144,10 @@ def dp_sgd_steps(
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     device = model_device(model)
     loss_sum, loss_n = 0.0, 0
+    if losses_of is None:
+        def losses_of(chunk: np.ndarray) -> torch.Tensor:
+            batch = to_device(collate([examples[i] for i in chunk], task=task, pad_id=pad_id), device)
+            return per_example_loss(model, batch, task=task)
 
     def step(idx: np.ndarray) -> None:
         nonlocal loss_sum, loss_n
@@ -152,8 +160,7 @@ def dp_sgd_steps(
         size = max_physical_batch or len(idx)
         chunks = [idx[s:s + size] for s in range(0, len(idx), size)]
         for j, chunk in enumerate(chunks):
-            batch = to_device(collate([examples[i] for i in chunk], task=task, pad_id=pad_id), device)
-            losses = per_example_loss(model, batch, task=task)
+            losses = losses_of(chunk)
             # Hooks rescale by the chunk size: grad_sample = ∇ℓ_i. (torch leaves backward untyped.)
             losses.mean().backward()  # type: ignore[no-untyped-call]
             loss_sum, loss_n = loss_sum + float(losses.detach().sum()), loss_n + len(chunk)
@@ -200,8 +207,16 @@ def train_local_dp(
     weight_decay: float = 0.0,
     max_physical_batch: int | None = None,
     seed: int | None = None,
+    frozen_features: bool = True,
 ) -> tuple[dict[str, float], accounting.History]:
     """``steps`` DP-SGD steps on the trainable (LoRA, head) parameters (AdamW; the head optionally SGD).
+
+    When only a classifier's head trains (head-only, :func:`fedge.train.frozen_head`) and
+    ``frozen_features``, the head's input is computed once for every local example in eval
+    mode (:func:`fedge.train.head_features`) and the steps run on the head alone: the same
+    per-example gradients as full forward passes without dropout, at one encoder pass per
+    example per round instead of one per sampled example per step. Privacy is unchanged:
+    example i's feature depends on example i alone, and q, σ and the steps are the same.
 
     Returns (metrics, new_history). ``metrics["epsilon"]`` is the record-level ε
     after this round (history + this round) at ``delta``. ``metrics["loss"]`` is
@@ -232,9 +247,19 @@ def train_local_dp(
     opt = make_optimizer(model, lr=lr, head_lr=head_lr, head_optimizer=head_optimizer, weight_decay=weight_decay)
     batches = poisson_batches(n, sample_rate=q, steps=steps, rng=rng)
     t0 = time.perf_counter()
-    out = dp_sgd_steps(model, examples, batches, task=task, pad_id=pad_id, optimizer=opt, noise_multiplier=z,
-                       max_grad_norm=c, expected_batch_size=q * n, generator=gen,
-                       max_physical_batch=max_physical_batch)
+    head = frozen_head(model) if frozen_features and task != "causal-lm" else None
+    losses_of = None
+    if head is not None:
+        feats = head_features(model, head, list(examples), task=task, pad_id=pad_id)
+        labels = torch.tensor([int(e["label"]) for e in examples], device=feats.device)
+
+        def losses_of(chunk: np.ndarray) -> torch.Tensor:
+            idx = torch.as_tensor(chunk, device=feats.device)
+            return F.cross_entropy(head(feats[idx]).float(), labels[idx], reduction="none")
+
+    out = dp_sgd_steps(head if head is not None else model, examples, batches, task=task, pad_id=pad_id,
+                       optimizer=opt, noise_multiplier=z, max_grad_norm=c, expected_batch_size=q * n,
+                       generator=gen, max_physical_batch=max_physical_batch, losses_of=losses_of)
     new_history = [*past, (z, q, steps)]
     metrics = {
         "loss": out["loss"],
@@ -245,6 +270,7 @@ def train_local_dp(
         "steps": steps,
         "mean_batch": float(np.mean([len(b) for b in batches])),
         "empty_batches": out["empty_batches"],
+        "frozen_features": head is not None,
         "seconds": time.perf_counter() - t0,
     }
     return metrics, new_history

@@ -245,3 +245,53 @@ def test_a_dp_step_updates_every_lora_tensor_of_a_real_bert(freeze_a):
     assert train and changed == train
     assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
     assert any("lora_A" in k for k in changed) != freeze_a
+
+
+def tiny_bert_peft(*, freeze: str):
+    """A tiny random BERT classifier without dropout, LoRA on query/value; ``freeze``: 'adapter' (head-only) or ''."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedge import models
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    peft = models.add_lora(bert, task="sequence-classification", r=4, alpha=8, dropout=0.0,
+                           target_modules=["query", "value"])
+    for k, p in peft.named_parameters():
+        if freeze == "adapter" and "lora_" in k:
+            p.requires_grad_(False)
+    return peft
+
+
+def test_head_only_dp_sgd_on_frozen_features_equals_full_forward_passes():
+    """Oracle: the same DP-SGD round (same Poisson batches, same noise) through the whole model at
+    every step. Without dropout the head's input is a fixed function of each example, so training
+    the head on features computed once must give the same head, bit for bit up to float error."""
+    from fedge.train import frozen_head
+
+    # Prepare: two identical head-only models (adapter frozen), one of them with LoRA trainable for the guard
+    fast, slow = tiny_bert_peft(freeze="adapter"), tiny_bert_peft(freeze="adapter")
+    assert frozen_head(fast) is not None and frozen_head(tiny_bert_peft(freeze="")) is None
+    start = trainable(fast)
+    kw = dict(task="sequence-classification", pad_id=PAD, steps=6, sample_rate=0.4, lr=1e-2, head_lr=0.5,
+              head_optimizer="sgd", noise_multiplier=1.0, max_grad_norm=0.5, delta=1e-3, seed=7,
+              max_physical_batch=4)
+    # Execute
+    m_fast, h_fast = dpsgd.train_local_dp(fast, tiny_examples(32), **kw)
+    m_slow, h_slow = dpsgd.train_local_dp(slow, tiny_examples(32), frozen_features=False, **kw)
+    # Assert: the cached path was taken and gives the whole-model result; the head moved; same ledger
+    assert m_fast["frozen_features"] and not m_slow["frozen_features"]
+    got, want = trainable(fast), trainable(slow)
+    assert set(got) == set(start) and all("classifier" in k for k in got)
+    for k in got:
+        assert not torch.equal(got[k], start[k])
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert h_fast == h_slow and m_fast["loss"] == pytest.approx(m_slow["loss"], rel=1e-5)
+    assert {k: p for k, p in fast.named_parameters() if "lora_" in k}.keys()  # the adapter is there, untouched
+    for (k, a), (_, b) in zip(fast.named_parameters(), tiny_bert_peft(freeze="adapter").named_parameters()):
+        if "classifier" not in k:
+            assert torch.equal(a, b), k
