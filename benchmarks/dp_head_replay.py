@@ -1,9 +1,9 @@
 """Offline replay of the dp-record federation, head only: what limits DP accuracy, in seconds per run.
 
-A whole `fedge simulate dp-record` run costs 25-50 min on 2 CPU cores (per-example gradients
-through the encoder). This replays the same federation for the classifier head alone, on
-frozen mean-pooled MiniLM-L6 features (the encoder and its LoRA left out), so that learning
-rates and privacy budgets can be swept side by side in one run:
+A whole `fedge simulate dp-record` run costs 12-13 min on 2 CPU cores (25-50 min with FFA-LoRA's
+per-example gradients through the encoder). This replays the same federation for the classifier
+head alone, on frozen mean-pooled MiniLM-L6 features (the encoder and its LoRA left out), so that
+learning rates, batch sizes and privacy budgets can be swept side by side in one run:
 
 * the scenario's own split (``fedge.data.federated_split``: 10 Dirichlet branches, R8 test set);
 * per branch and step (AdamW, or SGD with momentum: ``--head-optimizer``): Poisson sampling with q = B/n_i, per-example gradients of the linear
@@ -15,9 +15,11 @@ rates and privacy budgets can be swept side by side in one run:
   Linear init under the scenario seed).
 
 What it is not: the fedge run. It leaves out the adapter (FFA-LoRA B on query/value), so it
-answers one question: how far the head alone gets under the same noise. With the shipped
-lr 3e-3 it reproduces the measured fedge curve (dp_utility.md, 0.72 at round 8), so that
-curve was limited by the head's step size, not by the noise.
+answers one question: how far the head alone gets under the same noise. Today's `dp-record`
+(strategy head-only) trains exactly that head, on features computed the same way, so the replay
+models it closely; they differ in their randomness (the run draws Poisson batches and noise
+from OS entropy). With the old FFA-LoRA recipe's lr 3e-3 for the head it reproduces the
+measured fedge curve (dp_utility.md, 0.72 at round 8), so that curve was limited by the head's step size, not by the noise.
 
 Usage: python benchmarks/dp_head_replay.py [--lrs 3e-3,3e-2,1e-1] [--eps none,1,2,4,8] [--head-optimizer sgd]
                                             [--set federation.num_rounds=12 ...]

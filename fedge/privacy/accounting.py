@@ -286,7 +286,9 @@ def add_commands(sub: Any) -> None:
     pl.add_argument("--rounds", type=int, required=True, help="R, federated rounds planned")
     pl.add_argument("--clients-per-round", type=int, required=True, help="m, clients averaged per round")
     pl.add_argument("--target-epsilon", type=float, required=True, help="ε per record over the whole run")
-    pl.add_argument("--epochs", type=float, default=4.0, help="passes over a client's data over the run (default 4)")
+    pl.add_argument("--epochs", type=float, default=4.0, help="passes over a client's data over the run (default 4; "
+                    "a head-only probe computes its features once per round, so ~40 epochs cost little: "
+                    "dp-record runs 39)")
     pl.add_argument("--trainable-params", type=int, help="d, trainable (exchanged) parameters: gives the "
                     "noise-to-signal ratio per step, σ√d/(B√m)")
     pl.add_argument("--max-batch", type=int, help="largest logical batch to consider")
