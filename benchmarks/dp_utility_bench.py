@@ -134,6 +134,19 @@ def run_row(level: str, eps: float | None, seed: int, extra: list[str], dataset:
             "curve": json.dumps([round(rows[0].get("central_accuracy") or 0.0, 4), *[round(a, 4) for a in acc]])}
 
 
+_EPS = (1.0, 2.0, 4.0, 8.0)
+# The curves the PNG draws: (label, level, {ε: variant}) with '' = today's scenario default. The probe's head lr
+# falls with ε (dp-record.yaml; benchmarks/results/dp_head_replay_b192.md), so its curve takes lr 0.25 at ε ≤ 2.
+PLOT = [
+    ("record level, dp-record: private probe, B = 192 (head lr 1.0; 0.25 at ε ≤ 2)", "record",
+     {1.0: "train.head_lr=0.25", 2.0: "train.head_lr=0.25", 4.0: "", 8.0: ""}),
+    ("record level: FFA-LoRA r = 2, B = 48, head lr 0.5", "record",
+     dict.fromkeys(_EPS, "strategy.name=ffa-lora;train.batch_size=48;train.head_lr=0.5")),
+    ("user level, dp-user: FFA-LoRA r = 2 (500 devices)", "user", dict.fromkeys(_EPS, "")),
+    ("user level: private probe (strategy.name=head-only)", "user", dict.fromkeys(_EPS, "strategy.name=head-only")),
+]
+
+
 def read_csv() -> list[dict]:
     if not CSV.exists():
         return []
@@ -249,15 +262,17 @@ def cmd_report(args) -> int:
              if lv == "none"}
     base_var = max(nones, key=lambda v: nones[v]) if nones else None
     base_acc = nones[base_var] if nones else None
-    # The seed also draws the Dirichlet split: a DP row is compared with the non-DP run of its own seed too.
-    none_by_seed = {r["seed"]: float(r["accuracy"]) for r in groups.get(("none", "", base_var or ""), [])}
+    # The seed also draws the Dirichlet split: a DP row is compared with the non-DP run of its own seed too,
+    # with the scenario's own settings (same input length: every DP row uses them).
+    none_by_seed = {r["seed"]: float(r["accuracy"]) for r in groups.get(("none", "", ""), [])}
     lines = ["# Privacy–utility curve: Reuters R8 (MiniLM-L6 + LoRA, official test split)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Each row is a whole "
              "`fedge simulate` run; accuracy is the final round's central accuracy on the 2,189 test documents; "
              "ε spent comes from the run's privacy ledger (record level: the largest over clients). "
              "Raw rows: `dp_utility.csv`. Produced by `benchmarks/dp_utility_bench.py`. Δ is measured against the "
              f"best federated non-DP row ({base_var or 'scenario default'}: {base_acc or 0:.4f}); the paired Δ against the "
-             "non-DP run of the same seed (same split), over the seeds that have one.", "",
+             "non-DP run of the same seed (same split) with the scenario's own settings, over the seeds that have one. "
+             "The PNG draws the curves named in `PLOT`; every row is in this table.", "",
              "| level | target ε | variant | seeds | accuracy (mean ± sd) | Δ vs federated non-DP | paired Δ (seeds) | "
              "best round acc | plateau round | ε spent | σ | s/run |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -280,15 +295,15 @@ def cmd_report(args) -> int:
     lines += ["", *federated_vs_central(everything)]
     (RESULTS / "dp_utility.md").write_text("\n".join(lines) + "\n" + args.notes_text())
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    series = sorted({(lv, var) for lv, _, var in groups if lv in ("record", "user")})
-    for lv, var in series:
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    for label, lv, var_of in PLOT:
         pts = sorted((float(e), [float(r["accuracy"]) for r in rs]) for (lv2, e, v), rs in groups.items()
-                     if (lv2, v) == (lv, var))
-        xs = [p[0] for p in pts]
+                     if lv2 == lv and e and var_of.get(float(e)) == v)
+        if not pts:
+            continue
         ms = [_mean_std(p[1]) for p in pts]
-        ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
-                    label=f"{lv}-level DP" + (f" ({var})" if var else ""))
+        ax.errorbar([p[0] for p in pts], [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
+                    label=label)
     for level, style in (("none", "--"), ("central", ":")):
         rs = groups.get((level, "", (base_var or "") if level == "none" else ""), [])
         if rs:
@@ -298,8 +313,8 @@ def cmd_report(args) -> int:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ε (δ = 1e-5 record level)")
     ax.set_ylabel("test accuracy (Reuters R8)")
-    ax.set_title("fedge: privacy–utility, MiniLM-L6 + LoRA, 10 branches")
-    ax.legend(fontsize=8)
+    ax.set_title("fedge privacy–utility, Reuters R8, MiniLM-L6 (mean ± sd over seeds)")
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS / "dp_utility.png", dpi=120)
