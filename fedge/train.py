@@ -118,9 +118,11 @@ def frozen_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 @torch.no_grad()
 def head_features(model, head: torch.nn.Module, examples: list[dict], *, task: str, pad_id: int,
-                  batch_size: int = 64) -> torch.Tensor:
+                  batch_size: int = 64) -> torch.Tensor | None:
     """The head's input for every example, shape (n, d), in eval mode (no dropout): what the frozen
-    encoder (and pooler) feeds the head. One forward pass per example instead of one per step."""
+    encoder (and pooler) feeds the head. One forward pass per example instead of one per step.
+    None when the head reads more than one vector per example (e.g. RoBERTa's head takes the
+    hidden states of every position, padded per batch): train through the whole model then."""
     got: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach()))
     device = model_device(model)
@@ -131,6 +133,8 @@ def head_features(model, head: torch.nn.Module, examples: list[dict], *, task: s
             model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         hook.remove()
+    if any(g.dim() != 2 for g in got):
+        return None
     return torch.cat(got)
 
 

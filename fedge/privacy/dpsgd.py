@@ -187,6 +187,16 @@ def dp_sgd_steps(
     return {"loss": loss_sum / loss_n if loss_n else math.nan, "empty_batches": empty}
 
 
+def _head_losses(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor
+                 ) -> Callable[[np.ndarray], torch.Tensor]:
+    """indices -> ℓ_i = CE(head(x_i), y_i) on precomputed head inputs x (n, d), labels y (n,)."""
+    def losses_of(chunk: np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(chunk, device=feats.device)
+        return F.cross_entropy(head(feats[idx]).float(), labels[idx], reduction="none")
+
+    return losses_of
+
+
 def train_local_dp(
     model: torch.nn.Module,
     examples: Sequence[dict[str, Any]],
@@ -248,15 +258,12 @@ def train_local_dp(
     batches = poisson_batches(n, sample_rate=q, steps=steps, rng=rng)
     t0 = time.perf_counter()
     head = frozen_head(model) if frozen_features and task != "causal-lm" else None
+    feats = head_features(model, head, list(examples), task=task, pad_id=pad_id) if head is not None else None
     losses_of = None
-    if head is not None:
-        feats = head_features(model, head, list(examples), task=task, pad_id=pad_id)
-        labels = torch.tensor([int(e["label"]) for e in examples], device=feats.device)
-
-        def losses_of(chunk: np.ndarray) -> torch.Tensor:
-            idx = torch.as_tensor(chunk, device=feats.device)
-            return F.cross_entropy(head(feats[idx]).float(), labels[idx], reduction="none")
-
+    if head is not None and feats is not None:
+        losses_of = _head_losses(head, feats, torch.tensor([int(e["label"]) for e in examples], device=feats.device))
+    else:
+        head = None
     out = dp_sgd_steps(head if head is not None else model, examples, batches, task=task, pad_id=pad_id,
                        optimizer=opt, noise_multiplier=z, max_grad_norm=c, expected_batch_size=q * n,
                        generator=gen, max_physical_batch=max_physical_batch, losses_of=losses_of)

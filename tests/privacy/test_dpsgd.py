@@ -295,3 +295,33 @@ def test_head_only_dp_sgd_on_frozen_features_equals_full_forward_passes():
     for (k, a), (_, b) in zip(fast.named_parameters(), tiny_bert_peft(freeze="adapter").named_parameters()):
         if "classifier" not in k:
             assert torch.equal(a, b), k
+
+
+def test_a_head_that_reads_every_position_trains_through_the_whole_model():
+    """RoBERTa's classification head takes the hidden states of every position (padded per batch), not one
+    vector per example: the frozen-feature path must step aside, and the head still trains."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from fedge import models
+
+    # Prepare: a tiny random RoBERTa classifier, head-only (LoRA frozen)
+    torch.manual_seed(0)
+    rob = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, max_position_embeddings=24, pad_token_id=PAD))
+    for p in rob.parameters():
+        p.requires_grad_(False)
+    peft = models.add_lora(rob, task="sequence-classification", r=2, alpha=4, dropout=0.0,
+                           target_modules=["query", "value"])
+    for k, p in peft.named_parameters():
+        if "lora_" in k:
+            p.requires_grad_(False)
+    start = trainable(peft)
+    # Execute
+    metrics, _ = dpsgd.train_local_dp(peft, tiny_examples(32), task="sequence-classification", pad_id=PAD, steps=2,
+                                      sample_rate=0.5, lr=1e-2, head_lr=0.1, head_optimizer="sgd",
+                                      noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, seed=0)
+    # Assert
+    assert not metrics["frozen_features"]
+    after = trainable(peft)
+    assert start and all(not torch.equal(after[k], start[k]) for k in start)
