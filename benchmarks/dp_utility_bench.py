@@ -11,7 +11,8 @@ engine, real Opacus, real PEFT), on the official R8 test split (2,189 documents)
 
 ε in the CSV is the target; ``epsilon_spent`` is what the run's privacy ledger
 reports (max over clients for record level). ``plateau_round`` is the first round
-after which held-out accuracy never rises by more than 0.5 points.
+after which held-out accuracy never rises by more than 0.5 points (empty for a row evaluated
+after its last round only, ``--set federation.evaluate_every=<rounds>``: half a record row's time is evaluation).
 
 Usage:
     python benchmarks/dp_utility_bench.py run --rows none,central,record:8 --seeds 0
@@ -128,7 +129,7 @@ def run_row(level: str, eps: float | None, seed: int, extra: list[str], dataset:
         spent, delta = privacy["user_level"]["epsilon"], privacy["user_level"]["delta"]
     return {"dataset": dataset, "level": level, "epsilon": "" if eps is None else eps, "seed": seed,
             "accuracy": round(acc[-1], 4), "best_accuracy": round(max(acc), 4),
-            "plateau_round": at[plateau_round(acc) - 1], "rounds": at[-1],
+            "plateau_round": at[plateau_round(acc) - 1] if len(acc) > 1 else "", "rounds": at[-1],
             "epsilon_spent": "" if spent == "" else round(float(spent), 4), "delta": delta,
             "noise_multiplier": z, "seconds": round(seconds, 1), "scenario": scenario, "overrides": ";".join(sets),
             "curve": json.dumps([round(rows[0].get("central_accuracy") or 0.0, 4), *[round(a, 4) for a in acc]])}
@@ -180,7 +181,7 @@ def cmd_run(args) -> int:
             row = run_row(level, eps, seed, args.set, args.dataset)
             append_csv(row)
             print(f"{args.dataset} {level:>8} ε={row['epsilon'] or '—':>4} seed {seed}: acc {row['accuracy']:.4f} "
-                  f"(best {row['best_accuracy']:.4f}, plateau round {row['plateau_round']}/{row['rounds']}) "
+                  f"(best {row['best_accuracy']:.4f}, plateau round {row['plateau_round'] or '—'}/{row['rounds']}) "
                   f"ε spent {row['epsilon_spent'] or '—'}  {row['seconds']:.0f} s", flush=True)
     return 0
 
@@ -196,13 +197,19 @@ def _is_scenario_default(scenario: str, override: str) -> bool:
         return False
 
 
+# Overrides that change when the model is measured, not how it trains (tests/test_simulation.py::
+# test_central_evaluation_every_k_rounds_leaves_training_bitwise_unchanged): rows differing only in them share a
+# variant. A row evaluated after the last round alone has no plateau round.
+CADENCE = ("federation.evaluate_every=",)
+
+
 def variant(row: dict) -> str:
     """The row's overrides beyond the level's own, the seed, the ε and today's scenario values
     (e.g. 'model.pooling=cls'). Rows keep every override they ran with, so a row run before a
     scenario default changed stays apart from the rows run with the new default."""
     own = set(level_settings(row.get("dataset") or "reuters-r8", row["level"])[1])
     return ";".join(o for o in row["overrides"].split(";")
-                    if o and o not in own and not o.startswith("seed=") and "target_epsilon=" not in o
+                    if o and o not in own and not o.startswith(("seed=", *CADENCE)) and "target_epsilon=" not in o
                     and not _is_scenario_default(row["scenario"], o))
 
 
@@ -287,7 +294,7 @@ def cmd_report(args) -> int:
                   f"{100 * sum(pairs) / len(pairs):+.1f} pts ({','.join(r['seed'] for r in rs if r['seed'] in none_by_seed)})")
         spent = ", ".join(sorted({r["epsilon_spent"] for r in rs if r["epsilon_spent"]})) or "—"
         z = ", ".join(sorted({r["noise_multiplier"] for r in rs if r["noise_multiplier"]})) or "—"
-        pl = ", ".join(r["plateau_round"] + "/" + r["rounds"] for r in rs)
+        pl = ", ".join((r["plateau_round"] or "—") + "/" + r["rounds"] for r in rs)
         secs = _mean_std([float(r["seconds"]) for r in rs])[0]
         lines.append(f"| {level} | {eps or '—'} | {var or 'scenario default'} | {len(rs)} | {m:.4f} ± {s:.4f} | "
                      f"{gap} | {paired} | {best:.4f} | {pl} | "

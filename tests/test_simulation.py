@@ -6,6 +6,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+from safetensors.numpy import load_file
 
 from fedge import config as fcfg
 from fedge import models
@@ -64,3 +65,22 @@ def test_two_rounds_on_the_simulation_engine(tmp_path, tiny_llama_dir):
     while (left := set(_ray_processes()) - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [psutil.Process(p).cmdline()[:3] for p in left if psutil.pid_exists(p)]
+
+
+def test_central_evaluation_every_k_rounds_leaves_training_bitwise_unchanged(tmp_path, tiny_llama_dir):
+    # Prepare: the same seeded run, evaluated after every round and only after the last. Without DP the run is
+    # bitwise reproducible (with DP the noise comes from OS entropy, so no two runs match): if evaluation drew
+    # from a training RNG, the adapters would differ. The privacy–utility benchmark thins evaluation on this
+    # (benchmarks/dp_utility_bench.py: evaluation cadence is not part of a row's variant).
+    over = ["federation.evaluate_clients_per_round=0"]
+    runs = {k: tmp_path / f"every-{k}" for k in (1, 2)}
+    # Execute
+    for k, run in runs.items():
+        simulate(fcfg.load("default", tiny_scenario_overrides(tiny_llama_dir) + over + [f"federation.evaluate_every={k}"]), run)
+    # Assert: the same adapter bits and final evaluation; only the skipped round lacks one
+    a, b = (load_file(str(runs[k] / "adapter" / "adapter_model.safetensors")) for k in (1, 2))
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    every, last = ([json.loads(x) for x in (runs[k] / "metrics.jsonl").read_text().splitlines()][1:] for k in (1, 2))
+    assert every[-1]["central_loss"] == last[-1]["central_loss"]
+    assert [r["central_loss"] is None for r in last] == [True, False]
+    assert all(r["central_loss"] is not None for r in every)
